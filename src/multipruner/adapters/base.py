@@ -1,0 +1,141 @@
+"""The questions the pruning algorithm asks about a model family, answered once per family.
+
+The algorithm never looks at ``model_type``: it asks an :class:`ArchitectureAdapter` where the decoder
+layers are, which modules form each residual branch, and how the attention heads are laid out.
+Families differ almost only in names, so an adapter is mostly data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model family has no adapter."""
+
+
+@dataclass(frozen=True)
+class BranchNames:
+    """Attribute names, on a decoder layer, of one residual branch: its module and the norms inside it."""
+
+    module: str
+    norms: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention head geometry of one layer.
+
+    A *unit* is the smallest piece of attention that can be removed without breaking the KV sharing:
+    under GQA/MHA one KV head with its ``n_rep`` query heads; under MQA (a single KV head shared by all
+    query heads) one query head, the KV head staying until the whole block goes.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_mqa(self) -> bool:
+        return self.num_kv_heads == 1 and self.num_heads > 1
+
+    @property
+    def q_heads_per_unit(self) -> int:
+        return 1 if self.is_mqa else self.n_rep
+
+    @property
+    def kv_heads_per_unit(self) -> int:
+        return 0 if self.is_mqa else 1
+
+    @property
+    def num_units(self) -> int:
+        return self.num_heads // self.q_heads_per_unit
+
+    @property
+    def unit_channels(self) -> int:
+        """Query channels in one unit: the smallest step of the attention width."""
+        return self.q_heads_per_unit * self.head_dim
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def kv_width(self, q_width: int) -> int:
+        """Key/value channels kept when ``q_width`` query channels are kept."""
+        if self.is_mqa:
+            return self.head_dim
+        return q_width // self.n_rep
+
+    def num_kv_groups(self, q_width: int) -> int:
+        """Query heads per KV head at this width (the attention module's ``num_key_value_groups``)."""
+        kept_heads = q_width // self.head_dim
+        return kept_heads if self.is_mqa else self.n_rep
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Names and geometry of one model family; subclass only where behaviour differs."""
+
+    family: str
+    model_types: tuple[str, ...]
+    attention: BranchNames
+    mlp: BranchNames
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    mlp_in_projs: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_out_proj: str = "down_proj"
+
+    # --- where things are -------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The base model (embeddings, layers, final norm) inside a *ForCausalLM."""
+        return model.model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.decoder(model).norm
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def text_config(self, model_or_config):
+        config = getattr(model_or_config, "config", model_or_config)
+        return config.get_text_config(decoder=True)
+
+    # --- geometry -------------------------------------------------------------------------
+    def head_layout(self, config) -> HeadLayout:
+        config = self.text_config(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return HeadLayout(config.num_attention_heads, kv, head_dim)
+
+    def mlp_width(self, config) -> int:
+        return self.text_config(config).intermediate_size
+
+    def logits_from_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the decoder's *final-normed* hidden states (applies the family's logit soft-capping)."""
+        logits = self.lm_head(model)(hidden)
+        softcap = getattr(self.text_config(model), "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    # --- sub-modules --------------------------------------------------------------------
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention.module)
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp.module)
+
+    def branch(self, kind: str) -> BranchNames:
+        return {"attention": self.attention, "mlp": self.mlp}[kind]

@@ -1,0 +1,128 @@
+"""Extraction: a physically smaller model from a plan, saved as a self-contained directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, adapter_for, base_model_type
+from .io_utils import atomic_directory
+from .layout import ModelLayout
+from .modeling import modeling_multipruner as pruned_modeling
+from .plan import PruningPlan
+from .surgery import PrunableModel
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = Path(pruned_modeling.__file__)
+PLAN_FILENAME = "multipruner_plan.json"
+
+
+class CheckpointError(ValueError):
+    """A saved pruned model that cannot be read."""
+
+
+def pruned_structure(plan: PruningPlan, layout: ModelLayout, adapter: ArchitectureAdapter) -> dict:
+    heads = layout.heads
+    layers = []
+    for i in range(layout.num_layers):
+        attn = None
+        if i not in plan.removed_attention:
+            q = plan.attention_width[i]
+            attn = {"num_heads": q // heads.head_dim, "num_kv_heads": heads.kv_width(q) // heads.head_dim}
+        mlp = None if i in plan.removed_mlp else {"intermediate_size": plan.mlp_width[i]}
+        layers.append({"attention": attn, "mlp": mlp})
+    return {
+        "attention_module": adapter.attention.module,
+        "mlp_module": adapter.mlp.module,
+        "attention_norms": list(adapter.attention.norms),
+        "mlp_norms": list(adapter.mlp.norms),
+        "layers": layers,
+    }
+
+
+def pruned_config(dense_config, plan: PruningPlan, layout: ModelLayout, adapter: ArchitectureAdapter):
+    """The dense config turned into the pruned model's config (the dense sizes stay as the global values)."""
+    text_config = dense_config.get_text_config(decoder=True)
+    family = base_model_type(text_config.model_type)
+    config_cls, model_cls = pruned_modeling.PRUNED_CLASSES[family]
+    data = text_config.to_dict()
+    data.update(
+        model_type=config_cls.model_type,
+        architectures=[model_cls.__name__],
+        head_dim=layout.head_dim,
+        pruned_structure=pruned_structure(plan, layout, adapter),
+        auto_map={
+            "AutoConfig": f"modeling_multipruner.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_multipruner.{model_cls.__name__}",
+        },
+    )
+    data.pop("transformers_version", None)
+    return config_cls.from_dict(data), model_cls
+
+
+@torch.no_grad()
+def extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
+    """A new model holding only the weights ``plan`` keeps, with the masked model's outputs.
+
+    The dense model must already be reordered if the plan says so (see ``prepare_dense``).
+    """
+    plan.validate(prunable.layout)
+    config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
+    with prunable.trial(plan):
+        state = {k: v.detach().contiguous().clone() for k, v in prunable.model.state_dict().items()}
+    dtype = next(prunable.model.parameters()).dtype
+    pruned = model_cls(config).to(dtype)
+    pruned.load_state_dict(state, strict=True)
+    pruned.tie_weights()
+    return pruned.eval().to(next(prunable.model.parameters()).device)
+
+
+def prepare_dense(model: nn.Module, weight_reorder: bool) -> PrunableModel:
+    """Wrap a dense model for pruning, reordering its weights first when asked (in place)."""
+    from .reorder import reorder_weights
+
+    adapter = adapter_for(model)
+    if weight_reorder:
+        reorder_weights(model, adapter)
+    return PrunableModel(model, adapter)
+
+
+def save_pruned(model: nn.Module, tokenizer, output: str | Path, plan: PruningPlan | None = None,
+                layout: ModelLayout | None = None, overwrite: bool = False) -> Path:
+    """Write model (safetensors), config, tokenizer, model code and plan; all or nothing."""
+    output = Path(output)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copy(MODELING_FILE, tmp / MODELING_FILE.name)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILENAME, layout)
+            plan.save_reference(tmp / "pruning_config.json")
+    log.info("saved pruned model to %s", output)
+    return output
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a directory written by ``save_pruned`` with our classes (no remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        family = config["model_type"].removeprefix("multipruner_")
+        _, model_cls = pruned_modeling.PRUNED_CLASSES[family]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{path} is not a multipruner checkpoint: {err!r}") from err
+    try:
+        model = model_cls.from_pretrained(path, dtype=dtype)
+    except Exception as err:  # safetensors/transformers raise many types for a damaged file
+        raise CheckpointError(f"could not load the pruned model in {path}: {err}") from err
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.eval().to(device), tokenizer

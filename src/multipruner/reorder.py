@@ -1,0 +1,76 @@
+"""Weight reordering by L1 importance: a permutation of channels that leaves the function unchanged.
+
+After it, shrinking a width to ``w`` keeps the first ``w`` channels, i.e. drops the least important
+groups. Scores follow the reference: MLP channels by the summed L1 norms of their gate/up rows;
+attention units by the mean, over their query channels, of the L1 norms of the q row plus the k and v
+rows that channel attends with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, HeadLayout, adapter_for
+
+
+def _permute_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight.data = linear.weight.data.index_select(0, index)
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.index_select(0, index)
+
+
+def _permute_columns(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight.data = linear.weight.data.index_select(1, index)
+
+
+def _row_l1(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().float().abs().sum(dim=1)
+
+
+def mlp_channel_order(mlp: nn.Module, adapter: ArchitectureAdapter) -> torch.Tensor:
+    scores = sum(_row_l1(getattr(mlp, name)) for name in adapter.mlp_in_projs)
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def reorder_mlp(mlp: nn.Module, adapter: ArchitectureAdapter) -> None:
+    order = mlp_channel_order(mlp, adapter).to(getattr(mlp, adapter.mlp_out_proj).weight.device)
+    for name in adapter.mlp_in_projs:
+        _permute_rows(getattr(mlp, name), order)
+    _permute_columns(getattr(mlp, adapter.mlp_out_proj), order)
+
+
+def attention_unit_order(attn: nn.Module, adapter: ArchitectureAdapter, heads: HeadLayout) -> torch.Tensor:
+    """Units (see HeadLayout) sorted by importance, most important first."""
+    d = heads.head_dim
+    q = _row_l1(getattr(attn, adapter.q_proj)).view(heads.num_heads, d)
+    kv = (_row_l1(getattr(attn, adapter.k_proj)) + _row_l1(getattr(attn, adapter.v_proj))).view(heads.num_kv_heads, d)
+    per_channel = q + kv.repeat_interleave(heads.n_rep, dim=0)  # query head h attends with KV head h // n_rep
+    per_unit = per_channel.view(heads.num_units, -1).mean(dim=1)
+    return torch.sort(per_unit, descending=True, stable=True).indices
+
+
+def _expand(unit_order: torch.Tensor, block: int) -> torch.Tensor:
+    """Unit indices -> channel indices, ``block`` channels per unit."""
+    return (unit_order[:, None] * block + torch.arange(block, device=unit_order.device)).reshape(-1)
+
+
+def reorder_attention(attn: nn.Module, adapter: ArchitectureAdapter, heads: HeadLayout) -> None:
+    units = attention_unit_order(attn, adapter, heads).to(getattr(attn, adapter.q_proj).weight.device)
+    q_index = _expand(units, heads.unit_channels)
+    _permute_rows(getattr(attn, adapter.q_proj), q_index)
+    _permute_columns(getattr(attn, adapter.o_proj), q_index)
+    if heads.kv_heads_per_unit:
+        kv_index = _expand(units, heads.head_dim)
+        _permute_rows(getattr(attn, adapter.k_proj), kv_index)
+        _permute_rows(getattr(attn, adapter.v_proj), kv_index)
+
+
+@torch.no_grad()
+def reorder_weights(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> None:
+    """Reorder every layer's MLP channels and attention units in place, most important first."""
+    adapter = adapter or adapter_for(model)
+    heads = adapter.head_layout(model)
+    for layer in adapter.layers(model):
+        reorder_mlp(adapter.mlp_module(layer), adapter)
+        reorder_attention(adapter.attention_module(layer), adapter, heads)

@@ -1,0 +1,133 @@
+"""Apply a pruning plan to a live model, reversibly and without copying weights.
+
+A removed branch is swapped for a stand-in module (the same ones a saved pruned model uses); a narrower
+width replaces a projection's weight by a *view* of the first channels of the full weight. Switching
+plans only touches the layers that differ, so the search can try thousands of candidates cheaply, and
+a masked model has exactly the modules and parameter names of the extracted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from .adapters import ArchitectureAdapter, adapter_for
+from .layout import ModelLayout, layout_of
+from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
+from .plan import PruningPlan
+
+
+@dataclass
+class _Branch:
+    """The original modules of one branch of one layer, kept so any plan can be undone."""
+
+    module: nn.Module
+    norms: dict[str, nn.Module]
+    params: dict[str, tuple[nn.Parameter, nn.Parameter | None]]  # projection -> (weight, bias)
+
+
+def _set_linear(linear: nn.Linear, weight, bias) -> None:
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+class PrunableModel:
+    """A dense model plus the plan currently applied to it."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter | None = None):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.layout: ModelLayout = layout_of(model, self.adapter)
+        self.heads = self.adapter.head_layout(model)
+        a = self.adapter
+        self._attention: list[_Branch] = []
+        self._mlp: list[_Branch] = []
+        for layer in a.layers(model):
+            attn, mlp = a.attention_module(layer), a.mlp_module(layer)
+            self._attention.append(
+                _Branch(attn, {n: getattr(layer, n) for n in a.attention.norms}, self._params(attn, (a.q_proj, a.k_proj, a.v_proj, a.o_proj)))
+            )
+            self._mlp.append(
+                _Branch(mlp, {n: getattr(layer, n) for n in a.mlp.norms}, self._params(mlp, (*a.mlp_in_projs, a.mlp_out_proj)))
+            )
+        self.plan = PruningPlan.dense(self.layout)
+
+    @staticmethod
+    def _params(module: nn.Module, names) -> dict:
+        return {n: (getattr(module, n).weight, getattr(module, n).bias) for n in names}
+
+    # --- per-branch state ---------------------------------------------------------
+    def _set_present(self, kind: str, layer_idx: int, present: bool) -> None:
+        layer = self.adapter.layers(self.model)[layer_idx]
+        branch = (self._attention if kind == "attention" else self._mlp)[layer_idx]
+        names = self.adapter.branch(kind)
+        if present:
+            setattr(layer, names.module, branch.module)
+            for n, norm in branch.norms.items():
+                setattr(layer, n, norm)
+        else:
+            setattr(layer, names.module, RemovedAttention() if kind == "attention" else RemovedMLP())
+            for n in branch.norms:
+                setattr(layer, n, RemovedNorm())
+
+    def _set_attention_width(self, layer_idx: int, q_width: int) -> None:
+        a, branch = self.adapter, self._attention[layer_idx]
+        kv_width = self.heads.kv_width(q_width)
+        for name, rows in ((a.q_proj, q_width), (a.k_proj, kv_width), (a.v_proj, kv_width)):
+            weight, bias = branch.params[name]
+            _set_linear(getattr(branch.module, name), weight[:rows], None if bias is None else bias[:rows])
+        weight, bias = branch.params[a.o_proj]
+        _set_linear(getattr(branch.module, a.o_proj), weight[:, :q_width], bias)
+        branch.module.num_key_value_groups = self.heads.num_kv_groups(q_width)
+
+    def _set_mlp_width(self, layer_idx: int, width: int) -> None:
+        a, branch = self.adapter, self._mlp[layer_idx]
+        for name in a.mlp_in_projs:
+            weight, bias = branch.params[name]
+            _set_linear(getattr(branch.module, name), weight[:width], None if bias is None else bias[:width])
+        weight, bias = branch.params[a.mlp_out_proj]
+        _set_linear(getattr(branch.module, a.mlp_out_proj), weight[:, :width], bias)
+
+    def _full_or_view(self, kind: str, layer_idx: int, width: int) -> None:
+        full = self.layout.attention_width if kind == "attention" else self.layout.mlp_width
+        setter = self._set_attention_width if kind == "attention" else self._set_mlp_width
+        if width == full:
+            # the original Parameter objects, not views of them
+            branch = (self._attention if kind == "attention" else self._mlp)[layer_idx]
+            for name, (weight, bias) in branch.params.items():
+                _set_linear(getattr(branch.module, name), weight, bias)
+            if kind == "attention":
+                branch.module.num_key_value_groups = self.heads.n_rep
+        else:
+            setter(layer_idx, width)
+
+    # --- plans --------------------------------------------------------------------
+    def apply(self, plan: PruningPlan) -> None:
+        """Make the model compute ``plan``; only layers that differ from the current plan are touched."""
+        old = self.plan
+        for kind in ("attention", "mlp"):
+            for i in range(self.layout.num_layers):
+                was_present, present = i not in old.removed(kind), i not in plan.removed(kind)
+                if was_present != present:
+                    self._set_present(kind, i, present)
+                if old.width(kind)[i] != plan.width(kind)[i]:
+                    self._full_or_view(kind, i, plan.width(kind)[i])
+        self.plan = plan
+
+    def restore(self) -> None:
+        self.apply(PruningPlan.dense(self.layout))
+
+    @contextmanager
+    def trial(self, plan: PruningPlan) -> Iterator[None]:
+        """Apply ``plan`` for the duration of the block, then go back to the previous plan."""
+        previous = self.plan
+        self.apply(plan)
+        try:
+            yield
+        finally:
+            self.apply(previous)
