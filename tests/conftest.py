@@ -1,0 +1,136 @@
+"""Tiny random models, one per adapter and head layout, and the real embedded model (session-scoped)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 128
+
+
+def _llama_gqa():
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _qwen2_mha_bias():
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=VOCAB,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _qwen3_qk_norm():
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _gemma3_mqa():
+    # head_dim * heads (4 * 32 = 128) != hidden (48); sliding window 6 < test sequence length.
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=VOCAB,
+            sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            max_position_embeddings=256,
+            query_pre_attn_scalar=32,
+        )
+    )
+
+
+TINY_MODELS = {
+    "llama_gqa": _llama_gqa,
+    "qwen2_mha_bias": _qwen2_mha_bias,
+    "qwen3_qk_norm": _qwen3_qk_norm,
+    "gemma3_mqa": _gemma3_mqa,
+}
+
+
+def _randomize(model):
+    # Random norms and biases too, so a wrong permutation or slice of them cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if "gemma" in type(model).__name__.lower() else 1.0))
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    torch.manual_seed(0)
+    return _randomize(TINY_MODELS[request.param]())
+
+
+@pytest.fixture
+def tiny_llama():
+    torch.manual_seed(0)
+    return _randomize(_llama_gqa())
+
+
+@pytest.fixture
+def token_ids():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 20))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (dense, fp32) with its tokenizer; skipped if the package is absent."""
+    from multipruner.models import ModelLoadError, load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
