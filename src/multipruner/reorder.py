@@ -44,7 +44,9 @@ def attention_unit_order(attn: nn.Module, adapter: ArchitectureAdapter, heads: H
     """Units (see HeadLayout) sorted by importance, most important first."""
     d = heads.head_dim
     q = _row_l1(getattr(attn, adapter.q_proj)).view(heads.num_heads, d)
-    kv = (_row_l1(getattr(attn, adapter.k_proj)) + _row_l1(getattr(attn, adapter.v_proj))).view(heads.num_kv_heads, d)
+    kv = (_row_l1(getattr(attn, adapter.k_proj)) + _row_l1(getattr(attn, adapter.v_proj))).view(
+        heads.num_kv_heads, d
+    )
     per_channel = q + kv.repeat_interleave(heads.n_rep, dim=0)  # query head h attends with KV head h // n_rep
     per_unit = per_channel.view(heads.num_units, -1).mean(dim=1)
     return torch.sort(per_unit, descending=True, stable=True).indices

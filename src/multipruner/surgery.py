@@ -50,10 +50,18 @@ class PrunableModel:
         for layer in a.layers(model):
             attn, mlp = a.attention_module(layer), a.mlp_module(layer)
             self._attention.append(
-                _Branch(attn, {n: getattr(layer, n) for n in a.attention.norms}, self._params(attn, (a.q_proj, a.k_proj, a.v_proj, a.o_proj)))
+                _Branch(
+                    attn,
+                    {n: getattr(layer, n) for n in a.attention.norms},
+                    self._params(attn, (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
+                )
             )
             self._mlp.append(
-                _Branch(mlp, {n: getattr(layer, n) for n in a.mlp.norms}, self._params(mlp, (*a.mlp_in_projs, a.mlp_out_proj)))
+                _Branch(
+                    mlp,
+                    {n: getattr(layer, n) for n in a.mlp.norms},
+                    self._params(mlp, (*a.mlp_in_projs, a.mlp_out_proj)),
+                )
             )
         self.plan = PruningPlan.dense(self.layout)
 

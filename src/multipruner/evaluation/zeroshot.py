@@ -1,0 +1,309 @@
+"""Zero-shot accuracy through lm-evaluation-harness, from local data files.
+
+The MultiPruner paper reports lm-eval's stock zero-shot tasks (PIQA, WinoGrande, HellaSwag,
+ARC-e, ARC-c). Those tasks download hub datasets; multipruner must also run offline. So each
+task here has an ``mp_<task>`` YAML in ``tasks/`` that copies the stock task's prompt, target,
+choices and metrics verbatim and replaces only the data source with a reader of the task's
+original release file (``tasks/utils.py``). The file path is filled into the task config at
+run time; without a local file, and with the hub reachable, the stock hub task is used instead.
+
+Scores are comparable with lm-eval's stock numbers on the same examples. One known deviation:
+the offline HellaSwag file is a derived text format that lost the ``ctx_a``/``ctx_b`` split, so
+stock's ``ctx_b.capitalize()`` is reconstructed heuristically (see ``tasks/utils.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+
+__all__ = [
+    "PAPER_TASKS",
+    "SUPPORTED_TASKS",
+    "TASK_SPECS",
+    "TaskDataError",
+    "TaskSpec",
+    "build_tasks",
+    "default_data_dir",
+    "evaluate_zero_shot",
+    "local_task_config",
+    "paper_average",
+    "resolve_task_files",
+]
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+DATA_DIR_ENV = "MULTIPRUNER_DATA_DIR"
+PAPER_TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+class TaskDataError(ValueError):
+    """A requested task cannot run: unknown name, or no data reachable for it."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One zero-shot task: where its local data lives and which lm-eval tasks run it."""
+
+    name: str  # the stock lm-eval task name; also the key in our results
+    local_task: str  # our YAML (tasks/<local_task>.yaml), reads a local file
+    default_file: str  # relative to the data dir
+    file_format: str  # for error messages: what a user-supplied file must look like
+
+
+_TASK_TABLE: tuple[TaskSpec, ...] = (
+    TaskSpec(
+        "piqa", "mp_piqa", "piqa/valid.jsonl", "PIQA jsonl (goal, sol1, sol2) + <stem>-labels.lst beside it"
+    ),
+    TaskSpec(
+        "winogrande",
+        "mp_winogrande",
+        "winogrande/dev.jsonl",
+        'WinoGrande jsonl (sentence with "_", option1, option2, answer "1"/"2")',
+    ),
+    TaskSpec(
+        "hellaswag",
+        "mp_hellaswag",
+        "hellaswag/hellaswag_val_full.txt",
+        "original HellaSwag .jsonl, or the derived 6-lines-per-item .txt",
+    ),
+    TaskSpec(
+        "arc_easy",
+        "mp_arc_easy",
+        "arc/ARC-Easy-Test.jsonl",
+        "AI2 ARC jsonl (question: {stem, choices}, answerKey)",
+    ),
+    TaskSpec(
+        "arc_challenge",
+        "mp_arc_challenge",
+        "arc/ARC-Challenge-Test.jsonl",
+        "AI2 ARC jsonl (question: {stem, choices}, answerKey)",
+    ),
+    TaskSpec("boolq", "mp_boolq", "boolq/val.jsonl", "BoolQ jsonl (question, passage, label true/false)"),
+    TaskSpec(
+        "openbookqa",
+        "mp_openbookqa",
+        "openbookqa/test.tsv",
+        "OpenBookQA test.tsv, or AI2 jsonl (question: {stem, choices}, answerKey)",
+    ),
+)
+TASK_SPECS: Mapping[str, TaskSpec] = MappingProxyType({spec.name: spec for spec in _TASK_TABLE})
+SUPPORTED_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+
+
+# --------------------------------------------------------------------------- resolution
+def _is_offline() -> bool:
+    """Read at call time (not import time) so tests and callers can toggle it."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUTHY for var in _OFFLINE_ENVS)
+
+
+def default_data_dir() -> Path:
+    """``$MULTIPRUNER_DATA_DIR``, else the shared data folder beside the project.
+
+    Candidates, first existing wins: ./shared/data and ../shared/data (from the cwd, as the
+    project runs from its root), then <repo>/../shared/data. If none exists the last one is
+    returned so error messages still name a concrete place.
+    """
+    if env := os.environ.get(DATA_DIR_ENV):
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[3]
+    candidates = (
+        Path.cwd() / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        repo.parent / "shared" / "data",
+    )
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+def _normalize_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Accept ``"piqa,boolq"`` or a list; drop duplicates, keep order; reject unknown names."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if not names:
+        raise TaskDataError(f"no task given; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+    unknown = [n for n in names if n not in TASK_SPECS]
+    if unknown:
+        raise TaskDataError(f"unknown task(s) {unknown}; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+    return names
+
+
+def _missing_file_error(spec: TaskSpec, path: Path) -> TaskDataError:
+    return TaskDataError(
+        f"task {spec.name!r}: local data file {path} not found and the hub is offline "
+        f"(HF_HUB_OFFLINE=1). Pass a file with overrides={{{spec.name!r}: '/path/to/file'}} "
+        f"({spec.file_format}), point ${DATA_DIR_ENV} at a data folder holding {spec.default_file}, "
+        "or go online to use the stock hub task."
+    )
+
+
+def _resolve_one(spec: TaskSpec, data_dir: Path, override: str | os.PathLike | None) -> Path | None:
+    """User file (must exist) > file in the data dir > stock hub task (only when online)."""
+    if override is not None:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise TaskDataError(f"task {spec.name!r}: file given for it does not exist: {path}")
+        return path.resolve()
+    path = data_dir / spec.default_file
+    if path.is_file():
+        return path.resolve()
+    if _is_offline():
+        raise _missing_file_error(spec, path)
+    logger.info("%s: no local file at %s; using the stock lm-eval hub task", spec.name, path)
+    return None
+
+
+def resolve_task_files(
+    tasks: str | Sequence[str],
+    data_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, str | os.PathLike] | None = None,
+) -> dict[str, Path | None]:
+    """Map each task to its local data file, or None to run the stock hub task.
+
+    Raises TaskDataError for an unknown task (also in ``overrides``), a user file that does
+    not exist, or a missing local file while offline.
+    """
+    names = _normalize_tasks(tasks)
+    overrides = dict(overrides or {})
+    if bad := sorted(set(overrides) - set(TASK_SPECS)):
+        raise TaskDataError(
+            f"overrides for unknown task(s) {bad}; supported tasks: {', '.join(SUPPORTED_TASKS)}"
+        )
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return {name: _resolve_one(TASK_SPECS[name], root, overrides.get(name)) for name in names}
+
+
+# --------------------------------------------------------------------------- task building
+def local_task_config(task: str, data_file: str | os.PathLike) -> dict[str, Any]:
+    """The ``mp_<task>`` YAML as a config dict, with the data file filled in.
+
+    lm-eval's ``load_yaml`` resolves ``include`` and ``!function`` exactly as for its own
+    tasks; TaskManager then builds the task from the dict (an inline config).
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    spec = TASK_SPECS[_normalize_tasks([task])[0]]
+    cfg = load_yaml(TASKS_DIR / f"{spec.local_task}.yaml", resolve_func=True)
+    cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), "data_file": str(data_file)}
+    return cfg
+
+
+def _task_manager(need_stock: bool) -> TaskManager:
+    """Index lm-eval's bundled YAMLs only when a stock (hub) task is needed: it takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=need_stock)
+
+
+def build_tasks(files: Mapping[str, Path | None], task_manager: TaskManager | None = None) -> dict[str, Task]:
+    """Instantiate lm-eval tasks (loading their data) keyed by plain task name.
+
+    Loading errors are re-raised as TaskDataError naming the task and its file.
+    """
+    manager = task_manager or _task_manager(any(path is None for path in files.values()))
+    built: dict[str, Task] = {}
+    for name, path in files.items():
+        spec = local_task_config(name, path) if path is not None else name
+        try:
+            loaded = manager.load([spec])["tasks"]
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            source = path if path is not None else "the stock hub task"
+            raise TaskDataError(f"task {name!r}: could not load data from {source}: {err}") from err
+        built[name] = next(iter(loaded.values()))
+    return built
+
+
+# --------------------------------------------------------------------------- evaluation
+def _metric(task_results: Mapping[str, Any], metric: str) -> float | None:
+    """lm-eval keys metrics as ``"<metric>,<filter>"``; the filter is ``none`` here."""
+    value = task_results.get(f"{metric},none")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _summarize(raw: Mapping[str, Any], lm_names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Pick acc / acc_norm / evaluated count per task from simple_evaluate's output."""
+    summary = {}
+    for lm_name, name in lm_names.items():
+        res = raw["results"][lm_name]
+        n_samples = raw.get("n-samples", {}).get(lm_name, {})
+        summary[name] = {
+            "acc": _metric(res, "acc"),
+            "acc_norm": _metric(res, "acc_norm"),
+            "n": int(n_samples.get("effective", n_samples.get("original", 0))),
+        }
+    return summary
+
+
+def paper_average(task_results: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """Mean over PAPER_TASKS of acc_norm where the task has it, else acc (fractions).
+
+    This is the paper's average; None unless all five tasks ran.
+    """
+    if not all(t in task_results for t in PAPER_TASKS):
+        return None
+    scores = [
+        r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]
+        for r in (task_results[t] for t in PAPER_TASKS)
+    ]
+    return sum(scores) / len(scores)
+
+
+def evaluate_zero_shot(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    data_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, str | os.PathLike] | None = None,
+    device: str | None = "cpu",
+) -> dict[str, Any]:
+    """Zero-shot accuracy of an in-memory HF causal LM on the given tasks.
+
+    The model is moved to ``device`` in place when it is elsewhere (lm-eval's HFLM evaluates a
+    passed-in model where it lives); ``device=None`` leaves it where it is (e.g. sharded models).
+
+    Returns ``{"tasks": {task: {"acc", "acc_norm", "n"}}, "paper_avg", "limit"}``: accuracies
+    are fractions, ``acc_norm`` is None for tasks whose stock metrics lack it (boolq,
+    winogrande), ``n`` is the number of examples scored.
+    """
+    import torch
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    files = resolve_task_files(tasks, data_dir=data_dir, overrides=overrides)
+    manager = _task_manager(any(path is None for path in files.values()))
+    built = build_tasks(files, manager)
+    lm_names = {task.task_name: name for name, task in built.items()}
+    logger.info("zero-shot: %s (limit=%s)", {n: str(p) if p else "hub" for n, p in files.items()}, limit)
+
+    if device is not None and torch.device(device) != model.device:
+        model.to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    raw = evaluator.simple_evaluate(
+        model=lm,
+        tasks=list(built.values()),
+        num_fewshot=0,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        # Loglikelihood scoring is deterministic; don't reseed the caller's global RNGs.
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,
+    )
+    task_results = _summarize(raw, lm_names)
+    return {"tasks": task_results, "paper_avg": paper_average(task_results), "limit": limit}
