@@ -97,7 +97,7 @@ TINY_MODELS = {
 def _randomize(model):
     # Random norms and biases too, so a wrong permutation or slice of them cannot go unnoticed.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.5 + (0.0 if "gemma" in type(model).__name__.lower() else 1.0))
     return model.eval()

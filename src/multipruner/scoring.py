@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import ArchitectureAdapter
 from .plan import PruningPlan
 from .surgery import PrunableModel
 
@@ -33,7 +34,7 @@ class LossSettings:
 
 def sequence_nll(
     model: nn.Module,
-    prunable: PrunableModel,
+    adapter: ArchitectureAdapter,
     normed_hidden: torch.Tensor,
     input_ids: torch.Tensor,
     settings: LossSettings,
@@ -44,7 +45,7 @@ def sequence_nll(
     nll = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, labels.numel(), settings.chunk_tokens):
         stop = start + settings.chunk_tokens
-        logits = prunable.adapter.logits_from_hidden(model, hidden[start:stop]).float()
+        logits = adapter.logits_from_hidden(model, hidden[start:stop]).float()
         nll[start:stop] = F.cross_entropy(logits, labels[start:stop], reduction="none")
     nll = nll.view(input_ids.shape[0], -1)
     labels = labels.view(input_ids.shape[0], -1)
@@ -111,7 +112,7 @@ class CalibrationScorer:
         nlls = []
         for ids in self._batches():
             hidden = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-            nlls.append(sequence_nll(model, p, hidden, ids, self.settings))
+            nlls.append(sequence_nll(model, p.adapter, hidden, ids, self.settings))
         return perplexity_from_nll(torch.cat(nlls))
 
     def _run_tail(self, recorder: _LayerInputRecorder, first_layer: int, ids: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ class CalibrationScorer:
             out = p.adapter.layers(model)[index](hidden, **recorder.kwargs[index])
             hidden = out[0] if isinstance(out, tuple) else out
         normed = p.adapter.final_norm(model)(hidden)
-        return sequence_nll(model, p, normed, ids, self.settings)
+        return sequence_nll(model, p.adapter, normed, ids, self.settings)
 
     @torch.inference_mode()
     def score(
