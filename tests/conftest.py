@@ -134,3 +134,69 @@ def smollm2():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog. ",
+    "pack my box with five dozen liquor jugs! ",
+    "how vexingly quick daft zebras jump; ",
+    "sphinx of black quartz, judge my vow. ",
+]
+
+
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A real fast tokenizer trained in-process (byte-level BPE with BOS/EOS): nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny dense Llama (GQA) with a tokenizer, saved as a Hugging Face directory."""
+    torch.manual_seed(0)
+    tokenizer = byte_bpe_tokenizer()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=64,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    )
+    _randomize(model)
+    path = tmp_path / "dense"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calibration_txt(tmp_path):
+    """Plain text with blank-line separated documents, enough for a few 16-token sequences."""
+    rng = torch.Generator().manual_seed(0)
+    docs = []
+    for _ in range(40):
+        words = [CORPUS[int(i)] for i in torch.randint(0, len(CORPUS), (3,), generator=rng)]
+        docs.append("".join(words).strip())
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(docs))
+    return path

@@ -130,5 +130,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: st
         model = model_cls.from_pretrained(path, dtype=dtype)
     except Exception as err:  # safetensors/transformers raise many types for a damaged file
         raise CheckpointError(f"could not load the pruned model in {path}: {err}") from err
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    # passing the config spares AutoTokenizer from resolving our (unregistered) model_type
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(path, config=model.config) if has_tokenizer else None
     return model.eval().to(device), tokenizer

@@ -93,15 +93,17 @@ def prune(job: PruneJob) -> dict:
     started = time.perf_counter()
     from .layout import layout_of
 
+    if not 0 < job.target_ratio < 100:  # checked again with the model; this one costs nothing
+        raise SearchConfigError(f"target ratio must be in (0, 100) percent, got {job.target_ratio}")
+
     model, tokenizer = load_model(job.model, dtype=job.dtype, device=job.device)
     layout = layout_of(model)
     settings = resolve_settings(job, layout)  # fails before any heavy work
     check_seqlen(model, job.seqlen)
     run = RunDirectory(job.output_path)
-    done = run.start(run_settings(job, settings), resume=job.resume)
-
     calibration = run.load_calibration() if job.resume else None
-    if calibration is None:
+    fresh_calibration = calibration is None
+    if fresh_calibration:  # built before anything is written, so bad data leaves no half-started run
         calibration = build_calibration_sets(
             job.calibration_dataset,
             tokenizer,
@@ -110,6 +112,8 @@ def prune(job: PruneJob) -> dict:
             seqlen=job.seqlen,
             seed=job.seed,
         )
+    done = run.start(run_settings(job, settings), resume=job.resume)
+    if fresh_calibration:
         run.save_calibration(calibration)
     log.info(
         "calibration: block %s tokens, width %s tokens",

@@ -13,7 +13,7 @@ NLL, ignoring positions whose label is the tokenizer's EOS id (the reference's `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,17 @@ class LossSettings:
     ignore_index: int | None = None
     chunk_tokens: int = 1024
     batch_size: int = 2
+    reuse_budget_mb: float = 2048.0  # hidden states kept between steps (0 disables cross-step reuse)
+
+
+def first_difference(a: PruningPlan, b: PruningPlan) -> int:
+    """The first layer where two plans build different modules (the number of layers if none)."""
+    for i in range(a.num_layers):
+        for kind in ("attention", "mlp"):
+            removed = i in a.removed(kind)
+            if removed != (i in b.removed(kind)) or (not removed and a.width(kind)[i] != b.width(kind)[i]):
+                return i
+    return a.num_layers
 
 
 def sequence_nll(
@@ -85,7 +96,14 @@ class _LayerInputRecorder:
 
 
 class CalibrationScorer:
-    """Scores plans on one calibration set; the model's current plan is the common base of all candidates."""
+    """Scores plans on one calibration set; the model's current plan is the common base of all candidates.
+
+    Besides the per-step record of layer inputs, it keeps, for each candidate, the hidden states its
+    last evaluation produced (within ``reuse_budget_mb``). When the candidate comes back at the next
+    step, those states stay valid up to the first layer where its new plan differs from its old one
+    (the layer the last step changed), so it restarts there instead of at its own layer. Every number
+    is what a full forward would compute: only work whose inputs are unchanged is skipped.
+    """
 
     def __init__(
         self,
@@ -100,6 +118,9 @@ class CalibrationScorer:
         self.tokens = tokens
         self.settings = settings
         self.device = torch.device(device)
+        # candidate key -> (its plan, per batch: {layer index: hidden states entering that layer})
+        self._saved: dict[Hashable, tuple[PruningPlan, list[dict[int, torch.Tensor]]]] = {}
+        self.layers_run = 0  # decoder-layer forwards, for benchmarks
 
     def _batches(self):
         for start in range(0, self.tokens.shape[0], self.settings.batch_size):
@@ -115,38 +136,84 @@ class CalibrationScorer:
             nlls.append(sequence_nll(model, p.adapter, hidden, ids, self.settings))
         return perplexity_from_nll(torch.cat(nlls))
 
-    def _run_tail(self, recorder: _LayerInputRecorder, first_layer: int, ids: torch.Tensor) -> torch.Tensor:
+    def _run_tail(
+        self,
+        recorder: _LayerInputRecorder,
+        hidden: torch.Tensor,
+        start: int,
+        ids: torch.Tensor,
+        keep: Callable[[int], bool],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         p, model = self.prunable, self.prunable.model
-        hidden = recorder.inputs[first_layer]
-        for index in range(first_layer, p.layout.num_layers):
+        kept: dict[int, torch.Tensor] = {}
+        for index in range(start, p.layout.num_layers):
+            if index > start and keep(index):
+                kept[index] = hidden
             out = p.adapter.layers(model)[index](hidden, **recorder.kwargs[index])
             hidden = out[0] if isinstance(out, tuple) else out
+            self.layers_run += 1
         normed = p.adapter.final_norm(model)(hidden)
-        return sequence_nll(model, p.adapter, normed, ids, self.settings)
+        return sequence_nll(model, p.adapter, normed, ids, self.settings), kept
+
+    def _keep_rule(self, first_layers: Sequence[int], batch_tokens: int) -> Callable[[int], bool]:
+        """Which layers' inputs to keep for reuse: all of them, or every k-th to stay within the budget."""
+        if self.settings.reuse_budget_mb <= 0:
+            return lambda index: False
+        n_layers = self.prunable.layout.num_layers
+        dtype_bytes = next(self.prunable.model.parameters()).element_size()
+        state_mb = batch_tokens * self.prunable.layout.hidden_size * dtype_bytes / 2**20
+        n_batches = -(-self.tokens.shape[0] // self.settings.batch_size)
+        wanted = sum(n_layers - 1 - f for f in first_layers) * n_batches * state_mb
+        stride = max(1, math.ceil(wanted / self.settings.reuse_budget_mb))
+        return lambda index: index % stride == 0
 
     @torch.inference_mode()
     def score(
         self,
         plans: Sequence[PruningPlan],
         first_layers: Sequence[int],
+        keys: Sequence[Hashable] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[float]:
-        """Perplexity of each plan; ``first_layers[k]`` is the first layer where plan k differs from the current one."""
+        """Perplexity of each plan.
+
+        ``first_layers[k]``: the first layer where plan k differs from the current plan. ``keys[k]``: an
+        identity of the candidate that stays the same across steps (enables cross-step reuse).
+        """
         p, model = self.prunable, self.prunable.model
+        keys = list(keys) if keys is not None else [None] * len(plans)
         nlls: list[list[torch.Tensor]] = [[] for _ in plans]
+        saved = {k: self._saved.get(k) for k in keys if k is not None}
+        fresh: dict[Hashable, tuple[PruningPlan, list]] = {
+            k: (plan, []) for k, plan in zip(keys, plans) if k is not None
+        }
+        keep = self._keep_rule(first_layers, self.settings.batch_size * self.tokens.shape[1])
         layers = p.adapter.layers(model)
-        for ids in self._batches():
+        for b, ids in enumerate(self._batches()):
             recorder = _LayerInputRecorder(layers)
             try:
                 p.adapter.decoder(model)(input_ids=ids, use_cache=False)
+                self.layers_run += len(layers)
             finally:
                 recorder.remove()
-            for k, (plan, first) in enumerate(zip(plans, first_layers, strict=True)):
+            for k, (plan, key) in enumerate(zip(plans, keys, strict=True)):
+                start, hidden, reusable = first_layers[k], recorder.inputs[first_layers[k]], {}
+                if saved.get(key) is not None:
+                    old_plan, old_states = saved[key]
+                    valid_until = first_difference(plan, old_plan)
+                    reusable = {m: h for m, h in old_states[b].items() if m <= valid_until}
+                    if reusable and max(reusable) > start:
+                        start = max(reusable)
+                        hidden = reusable[start]
                 with p.trial(plan):
-                    nlls[k].append(self._run_tail(recorder, first, ids))
+                    nll, kept = self._run_tail(recorder, hidden, start, ids, keep)
+                nlls[k].append(nll)
+                if key is not None:
+                    fresh[key][1].append({**{m: h for m, h in reusable.items() if m <= start}, **kept})
                 if on_batch:
                     on_batch(1)
             del recorder
+        self._saved = fresh  # candidates that are gone (chosen, or of another stage) free their memory
         return [perplexity_from_nll(torch.cat(chunks)) for chunks in nlls]
 
 

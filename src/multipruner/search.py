@@ -211,7 +211,9 @@ def run_search(
                 disable=not progress,
                 leave=False,
             ) as bar:
-                scores = scorer.score(plans, [c.layer for c in candidates], on_batch=bar.update)
+                scores = scorer.score(
+                    plans, [c.layer for c in candidates], keys=candidates, on_batch=bar.update
+                )
             best = min(range(len(scores)), key=lambda k: (scores[k], k))
             plan = plans[best]
             prunable.apply(plan)
