@@ -61,7 +61,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     prunable = prepare_dense(model, weight_reorder=True)
     tokens = build_calibration_sets(
-        "default", tokenizer, num_samples_block=400, num_samples_width=1, seqlen=args.seqlen, seed=42
+        "default", tokenizer, num_samples_block=400, num_samples_width=40, seqlen=args.seqlen, seed=42
     )["block"][: args.sequences]
     loss = LossSettings(ignore_index=tokenizer.eos_token_id, batch_size=args.batch_size)
     settings = SearchSettings(10.0, (44, 52, 4), 128, 192)
