@@ -144,24 +144,38 @@ CORPUS = [
 ]
 
 
-def byte_bpe_tokenizer(vocab_size: int = 300):
-    """A real fast tokenizer trained in-process (byte-level BPE with BOS/EOS): nothing is downloaded."""
+def byte_bpe_tokenizer(
+    vocab_size: int = 300,
+    *,
+    corpus: list[str] | None = None,
+    bos: str | None = "<s>",
+    eos: str | None = "</s>",
+    pad: str | None = None,
+):
+    """A real fast tokenizer trained in-process (byte-level BPE): nothing is downloaded.
+
+    Trained on ``corpus`` as given (default: ``CORPUS * 5``); the special tokens are ``bos``, ``eos`` and
+    ``pad`` in that order (``None`` leaves one out), and a BOS token, if any, is prepended to every text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
+    special = {key: token for key, token in special.items() if token is not None}
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
+        special_tokens=list(special.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(CORPUS * 5 if corpus is None else corpus, trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 @pytest.fixture
@@ -177,7 +191,7 @@ def tiny_model_dir(tmp_path):
             num_attention_heads=8,
             num_key_value_heads=2,
             vocab_size=len(tokenizer),
-            max_position_embeddings=64,
+            max_position_embeddings=512,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )

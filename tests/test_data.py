@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_bpe_tokenizer
 
 from multipruner.data import (
     ALPACA_PROMPT_INPUT,
@@ -35,19 +36,7 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     """A real fast tokenizer trained in-process (byte-level BPE, lossless) that prepends a BOS token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    return byte_bpe_tokenizer(400, corpus=CORPUS * 5, eos=None)
 
 
 @pytest.fixture

@@ -29,8 +29,9 @@ def _random_valid_plan(layout, seed: int) -> PruningPlan:
 
 
 def _check_model(model, tokenizer, tmp_path):
-    ids = tokenizer("The quick brown fox jumps over the lazy dog. Pruning removes whole structures.",
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        "The quick brown fox jumps over the lazy dog. Pruning removes whole structures.", return_tensors="pt"
+    ).input_ids
     with torch.inference_mode():
         dense = model(ids).logits
     prunable = prepare_dense(model, weight_reorder=True)

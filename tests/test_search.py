@@ -104,11 +104,22 @@ def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):
     for budget in (0.0, 1e-4, 2048.0):  # off, every few layers (tight budget), everything
         prunable = prepare_dense(tiny_model, weight_reorder=False)
         loss = dataclasses.replace(LossSettings(batch_size=2), reuse_budget_mb=budget)
-        scorers = {"block": CalibrationScorer(prunable, tokens, loss), "width": CalibrationScorer(prunable, tokens, loss)}
+        scorers = {
+            "block": CalibrationScorer(prunable, tokens, loss),
+            "width": CalibrationScorer(prunable, tokens, loss),
+        }
         records = []
-        run_search(prunable, scorers, _settings(prunable), on_step=lambda rec, plan: records.append(rec), progress=False)
+        run_search(
+            prunable,
+            scorers,
+            _settings(prunable),
+            on_step=lambda rec, plan, out=records: out.append(rec),
+            progress=False,
+        )
         prunable.restore()
-        runs[budget] = ([(r.choice, [c["ppl"] for c in r.candidates]) for r in records],
-                        sum(s.layers_run for s in scorers.values()))
+        runs[budget] = (
+            [(r.choice, [c["ppl"] for c in r.candidates]) for r in records],
+            sum(s.layers_run for s in scorers.values()),
+        )
     assert runs[0.0][0] == runs[1e-4][0] == runs[2048.0][0]  # bit-identical scores and choices
     assert runs[2048.0][1] < runs[1e-4][1] <= runs[0.0][1]

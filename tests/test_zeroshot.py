@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import byte_bpe_tokenizer
 
 from multipruner.evaluation import zeroshot as zs
 from multipruner.evaluation.zeroshot import (
@@ -107,19 +108,15 @@ def overrides(winogrande_file: Path) -> dict[str, Path]:
 def tiny_lm() -> tuple[Any, Any]:
     """Random 2-layer Llama + byte-level BPE tokenizer trained here: no downloads."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    tokenizer = byte_bpe_tokenizer(
+        400,
+        corpus=["Question: what is it?\nAnswer: a man is sitting on a roof."] * 20,
+        bos=None,
+        eos="<eos>",
+        pad="<pad>",
     )
-    tok.train_from_iterator(["Question: what is it?\nAnswer: a man is sitting on a roof."] * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     from .data import DataSourceError
+    from .evaluation.zeroshot import TaskDataError
     from .export import CheckpointError
     from .models import ModelLoadError
     from .plan import PlanError
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     from .search import SearchConfigError
 
     expected = (
+        TaskDataError,
+        FileNotFoundError,
         CliError,
         PlanError,
         SearchConfigError,

@@ -185,7 +185,7 @@ class CalibrationScorer:
         nlls: list[list[torch.Tensor]] = [[] for _ in plans]
         saved = {k: self._saved.get(k) for k in keys if k is not None}
         fresh: dict[Hashable, tuple[PruningPlan, list]] = {
-            k: (plan, []) for k, plan in zip(keys, plans) if k is not None
+            k: (plan, []) for k, plan in zip(keys, plans, strict=True) if k is not None
         }
         keep = self._keep_rule(first_layers, self.settings.batch_size * self.tokens.shape[1])
         layers = p.adapter.layers(model)

@@ -21,8 +21,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +32,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
+
+from ..io_utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -218,25 +218,9 @@ def figure_png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename over ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write_bytes(path, figure_png_bytes(fig))
+    atomic_write_bytes(path, figure_png_bytes(fig))
     return path
 
 
@@ -801,6 +785,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         "Dense vs pruned: accuracy and speed",
     )
     report = out / REPORT_FILE
-    _atomic_write_bytes(report, render_markdown(run, structure, figures).encode())
+    atomic_write_bytes(report, render_markdown(run, structure, figures).encode())  # UTF-8 whatever the locale
     logger.info("wrote %s (%d figures)", report, len(figures))
     return report

@@ -326,34 +326,15 @@ def _all_eval(models: Mapping[str, nn.Module]) -> Iterator[None]:
             m.train(states[name])
 
 
-def measure_speed(
-    model: nn.Module,
-    *,
-    batch_size: int = 1,
-    seqlen: int = 512,
-    new_tokens: int = 64,
-    repeats: int = 3,
-    warmup: int = 1,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    disk_path: str | Path | None = None,
-) -> SpeedResult:
+def measure_speed(model: nn.Module, *, disk_path: str | Path | None = None, **workload: Any) -> SpeedResult:
     """Measure one model (see the module docstring for what each number means).
 
-    To compare models, prefer ``measure_side_by_side``: it interleaves their repeats.
+    ``workload`` takes the keyword arguments of ``measure_side_by_side`` (``batch_size``, ``seqlen``,
+    ``new_tokens``, ``repeats``, ``warmup``, ``vocab_size``, ``seed``) with the same defaults. To compare
+    models, prefer ``measure_side_by_side``: it interleaves their repeats.
     """
-    results = measure_side_by_side(
-        {"model": model},
-        batch_size=batch_size,
-        seqlen=seqlen,
-        new_tokens=new_tokens,
-        repeats=repeats,
-        warmup=warmup,
-        vocab_size=vocab_size,
-        seed=seed,
-        disk_paths={"model": disk_path} if disk_path is not None else None,
-    )
-    return results["model"]
+    disk_paths = {"model": disk_path} if disk_path is not None else None
+    return measure_side_by_side({"model": model}, disk_paths=disk_paths, **workload)["model"]
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
