@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from multipruner.cli import main
 from multipruner.plan import PruningPlan
@@ -147,6 +147,11 @@ def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):
     saved = PruningPlan.from_dict(json.loads((out / "multipruner_plan.json").read_text()))
     assert saved.removed_attention == {1} and saved.weight_reorder
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    # the config keeps the family's model_type: stock AutoConfig/AutoTokenizer need no remote code
+    assert AutoConfig.from_pretrained(out).pruned_structure["layers"][1]["attention"] is None
+    assert AutoTokenizer.from_pretrained(out)("quick fox").input_ids
+    with pytest.raises(RuntimeError, match="mismatched"):  # without our code: loud, never silently wrong
+        AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[5, 6, 7, 8]])
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, 9)
 

@@ -47,23 +47,19 @@ def pruned_structure(plan: PruningPlan, layout: ModelLayout, adapter: Architectu
 
 
 def pruned_config(dense_config, plan: PruningPlan, layout: ModelLayout, adapter: ArchitectureAdapter):
-    """The dense config turned into the pruned model's config (the dense sizes stay as the global values)."""
+    """The pruned model's config: the family's own config class (dense sizes stay the global values) plus
+    ``pruned_structure``, and an ``auto_map`` that sends AutoModelForCausalLM to the saved model code."""
     text_config = dense_config.get_text_config(decoder=True)
-    family = base_model_type(text_config.model_type)
-    config_cls, model_cls = pruned_modeling.PRUNED_CLASSES[family]
+    model_cls = pruned_modeling.PRUNED_CLASSES[base_model_type(text_config.model_type)]
     data = text_config.to_dict()
     data.update(
-        model_type=config_cls.model_type,
         architectures=[model_cls.__name__],
         head_dim=layout.head_dim,
         pruned_structure=pruned_structure(plan, layout, adapter),
-        auto_map={
-            "AutoConfig": f"modeling_multipruner.{config_cls.__name__}",
-            "AutoModelForCausalLM": f"modeling_multipruner.{model_cls.__name__}",
-        },
+        auto_map={"AutoModelForCausalLM": f"modeling_multipruner.{model_cls.__name__}"},
     )
     data.pop("transformers_version", None)
-    return config_cls.from_dict(data), model_cls
+    return type(text_config).from_dict(data), model_cls
 
 
 @torch.no_grad()
@@ -122,15 +118,14 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
-        family = config["model_type"].removeprefix("multipruner_")
-        _, model_cls = pruned_modeling.PRUNED_CLASSES[family]
+        config["pruned_structure"]  # noqa: B018 - KeyError: not written by multipruner
+        model_cls = pruned_modeling.PRUNED_CLASSES[base_model_type(config["model_type"])]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path} is not a multipruner checkpoint: {err!r}") from err
     try:
         model = model_cls.from_pretrained(path, dtype=dtype)
     except Exception as err:  # safetensors/transformers raise many types for a damaged file
         raise CheckpointError(f"could not load the pruned model in {path}: {err}") from err
-    # passing the config spares AutoTokenizer from resolving our (unregistered) model_type
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(path, config=model.config) if has_tokenizer else None
     return model.eval().to(device), tokenizer

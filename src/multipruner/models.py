@@ -96,7 +96,7 @@ def is_pruned_dir(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return str(json.loads(config.read_text()).get("model_type", "")).startswith("multipruner_")
+        return "pruned_structure" in json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config} is not valid JSON: {err}") from err
 

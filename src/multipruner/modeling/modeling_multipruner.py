@@ -22,14 +22,9 @@ import torch
 from torch import nn
 from transformers import (
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
     MistralForCausalLM,
-    Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen3Config,
     Qwen3ForCausalLM,
 )
 from transformers.cache_utils import DummyLayer, DynamicCache
@@ -129,51 +124,33 @@ class PrunedCausalLMMixin:
         return super().forward(*args, past_key_values=past_key_values, **kwargs)
 
 
-class MultiPrunerLlamaConfig(LlamaConfig):
-    model_type = "multipruner_llama"
-
-
+# The config stays the family's own class (model_type unchanged, plus ``pruned_structure``), so
+# AutoConfig and AutoTokenizer load it without remote code; only the model class comes from this file.
 class MultiPrunerLlamaForCausalLM(PrunedCausalLMMixin, LlamaForCausalLM):
-    config_class = MultiPrunerLlamaConfig
-
-
-class MultiPrunerMistralConfig(MistralConfig):
-    model_type = "multipruner_mistral"
+    pass
 
 
 class MultiPrunerMistralForCausalLM(PrunedCausalLMMixin, MistralForCausalLM):
-    config_class = MultiPrunerMistralConfig
-
-
-class MultiPrunerQwen2Config(Qwen2Config):
-    model_type = "multipruner_qwen2"
+    pass
 
 
 class MultiPrunerQwen2ForCausalLM(PrunedCausalLMMixin, Qwen2ForCausalLM):
-    config_class = MultiPrunerQwen2Config
-
-
-class MultiPrunerQwen3Config(Qwen3Config):
-    model_type = "multipruner_qwen3"
+    pass
 
 
 class MultiPrunerQwen3ForCausalLM(PrunedCausalLMMixin, Qwen3ForCausalLM):
-    config_class = MultiPrunerQwen3Config
-
-
-class MultiPrunerGemma3TextConfig(Gemma3TextConfig):
-    model_type = "multipruner_gemma3_text"
+    pass
 
 
 class MultiPrunerGemma3ForCausalLM(PrunedCausalLMMixin, Gemma3ForCausalLM):
-    config_class = MultiPrunerGemma3TextConfig
+    pass
 
 
-# model_type of the dense family -> (config class, model class)
+# model_type of the dense family -> pruned model class
 PRUNED_CLASSES = {
-    "llama": (MultiPrunerLlamaConfig, MultiPrunerLlamaForCausalLM),
-    "mistral": (MultiPrunerMistralConfig, MultiPrunerMistralForCausalLM),
-    "qwen2": (MultiPrunerQwen2Config, MultiPrunerQwen2ForCausalLM),
-    "qwen3": (MultiPrunerQwen3Config, MultiPrunerQwen3ForCausalLM),
-    "gemma3_text": (MultiPrunerGemma3TextConfig, MultiPrunerGemma3ForCausalLM),
+    "llama": MultiPrunerLlamaForCausalLM,
+    "mistral": MultiPrunerMistralForCausalLM,
+    "qwen2": MultiPrunerQwen2ForCausalLM,
+    "qwen3": MultiPrunerQwen3ForCausalLM,
+    "gemma3_text": MultiPrunerGemma3ForCausalLM,
 }
