@@ -58,7 +58,8 @@ def pruned_config(dense_config, plan: PruningPlan, layout: ModelLayout, adapter:
         pruned_structure=pruned_structure(plan, layout, adapter),
         auto_map={"AutoModelForCausalLM": f"modeling_multipruner.{model_cls.__name__}"},
     )
-    data.pop("transformers_version", None)
+    for key in ("transformers_version", "quantization_config"):  # the pruned weights are plain floats
+        data.pop(key, None)
     return type(text_config).from_dict(data), model_cls
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     log.info("loading model %s", spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model_kwargs = dict(kwargs)
+        if "gguf_file" in kwargs:
+            # plain float weights: with the `kernels` package transformers would otherwise keep them
+            # packed in GgufLinear modules, which cannot be reordered or sliced
+            model_kwargs["quantization_config"] = GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **model_kwargs)
     except OSError as err:
         names = ", ".join(EMBEDDED)
         raise ModelLoadError(
