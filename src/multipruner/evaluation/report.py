@@ -698,6 +698,21 @@ def _layout_text(layout: Mapping | None) -> str:
     )
 
 
+def _calibration_lines(run: RunData, final_ppl: float | None) -> list[str]:
+    """Perplexities on the set each stage was scored on: blocks use one calibration set, widths another."""
+    block_steps = [s for s in run.steps if s.get("stage") == "block"]
+    dense_width = _num((run.dense_step or {}).get("ppl_width"))
+    if dense_width is None:  # a run without the width-set dense number: one line, as recorded
+        return [f"- **Calibration perplexity:** {_fmt(run.dense_ppl, '.3f')} (dense) → {_fmt(final_ppl, '.3f')} (final)"]
+    after_blocks = _num(block_steps[-1].get("ppl")) if block_steps else run.dense_ppl
+    return [
+        f"- **Calibration perplexity, block set** (block stage): {_fmt(run.dense_ppl, '.3f')} (dense) → "
+        f"{_fmt(after_blocks, '.3f')} (after the block stage)",
+        f"- **Calibration perplexity, width set** (width stages): {_fmt(dense_width, '.3f')} (dense) → "
+        f"{_fmt(final_ppl, '.3f')} (final); the trajectory plot shows each step on the set it was scored on",
+    ]
+
+
 def summary_lines(run: RunData, structure: LayerStructure | None) -> list[str]:
     dense_p, pruned_p = _params_pair(run)
     counts = Counter(str(s.get("stage", "?")) for s in run.steps)
@@ -713,7 +728,7 @@ def summary_lines(run: RunData, structure: LayerStructure | None) -> list[str]:
         f"- **Parameters:** {_fmt_params(dense_p)} → {_fmt_params(pruned_p)}",
         f"- **Search steps:** {len(run.steps)} ({stage_text})",
         f"- **Search wall time:** {_fmt_duration(wall)} (sum of per-step times; excludes loading and evaluation)",
-        f"- **Calibration perplexity:** {_fmt(run.dense_ppl, '.3f')} (dense) → {_fmt(final_ppl, '.3f')} (final)",
+        *_calibration_lines(run, final_ppl),
     ]
     if structure is not None:
         lines.append(
