@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1, help="block steps after step 0 to time both ways")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -89,37 +90,47 @@ def main() -> None:
     prunable.apply(plan)
     print(f"step 0: {len(cands0)} candidates, multipruner {t0:.1f}s; chose {cands0[best0]}")
 
-    started = time.perf_counter()
-    cands = block_candidates(plan, settings)
-    with PeakRss() as mem:
-        brute = []
-        for cand in cands:
-            with prunable.trial(cand.apply(plan)):
-                brute.append(full_forward_perplexity(model, tokens, loss))
-    t_brute, mem_brute = time.perf_counter() - started, mem.mb
-    layers_before = scorer.layers_run
-    cands, fast, t_fast, mem_fast = fast_step(plan)
-    layers_fast = scorer.layers_run - layers_before
-    layers_brute = len(cands) * tokens.shape[0] // args.batch_size * prunable.layout.num_layers
-
     def ranking(values):
         return sorted(range(len(values)), key=lambda k: (values[k], k))
 
-    same_choice = ranking(fast)[0] == ranking(brute)[0]
-    max_rel = max(abs(a - b) / b for a, b in zip(fast, brute, strict=True))
-    print(f"step 1: {len(cands)} candidates")
-    print(f"  (a) full forward per candidate: {t_brute:8.1f}s  peak +{mem_brute:7.0f} MiB")
-    print(f"  (b) multipruner scorer:         {t_fast:8.1f}s  peak +{mem_fast:7.0f} MiB")
+    totals = {"a": 0.0, "b": 0.0, "layers_a": 0, "layers_b": 0}
+    for step in range(1, args.steps + 1):
+        cands = block_candidates(plan, settings)
+        started = time.perf_counter()
+        with PeakRss() as mem:
+            brute = []
+            for cand in cands:
+                with prunable.trial(cand.apply(plan)):
+                    brute.append(full_forward_perplexity(model, tokens, loss))
+        t_brute, mem_brute = time.perf_counter() - started, mem.mb
+        layers_before = scorer.layers_run
+        cands, fast, t_fast, mem_fast = fast_step(plan)
+        layers_fast = scorer.layers_run - layers_before
+        batches = -(-tokens.shape[0] // args.batch_size)
+        layers_brute = len(cands) * batches * prunable.layout.num_layers
+        same_choice = ranking(fast)[0] == ranking(brute)[0]
+        max_rel = max(abs(a - b) / b for a, b in zip(fast, brute, strict=True))
+        print(f"step {step}: {len(cands)} candidates")
+        print(f"  (a) full forward per candidate: {t_brute:8.1f}s  peak +{mem_brute:7.0f} MiB")
+        print(f"  (b) multipruner scorer:         {t_fast:8.1f}s  peak +{mem_fast:7.0f} MiB")
+        print(
+            f"  speed-up (a)/(b): {t_brute / t_fast:.2f}x   decoder-layer forwards (a) {layers_brute}, "
+            f"(b) {layers_fast} ({layers_brute / layers_fast:.2f}x fewer; both run the LM head per candidate and batch)"
+        )
+        print(
+            f"  same choice: {same_choice} ({cands[ranking(fast)[0]]}); identical ranking: "
+            f"{ranking(fast) == ranking(brute)}; max relative ppl difference {max_rel:.2e}"
+        )
+        totals["a"] += t_brute
+        totals["b"] += t_fast
+        totals["layers_a"] += layers_brute
+        totals["layers_b"] += layers_fast
+        best = ranking(fast)[0]
+        plan = cands[best].apply(plan)
+        prunable.apply(plan)
     print(
-        f"  speed-up (a)/(b): {t_brute / t_fast:.2f}x   (step 0, nothing to reuse yet: {t_brute / t0:.2f}x)"
-    )
-    print(
-        f"  decoder-layer forwards: (a) {layers_brute}  (b) {layers_fast}  ({layers_brute / layers_fast:.2f}x fewer); "
-        "both also run the LM head once per candidate and batch"
-    )
-    print(
-        f"  same choice: {same_choice} ({cands[ranking(fast)[0]]}); identical ranking: {ranking(fast) == ranking(brute)}; "
-        f"max relative ppl difference {max_rel:.2e}"
+        f"steps 1-{args.steps}: (a) {totals['a']:.1f}s, (b) {totals['b']:.1f}s, speed-up {totals['a'] / totals['b']:.2f}x; "
+        f"step 0 (nothing to reuse yet) would be {t0:.1f}s for (b)"
     )
 
 
