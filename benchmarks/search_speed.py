@@ -4,9 +4,10 @@
 (b) multipruner's CalibrationScorer (recorded layer inputs, tail re-runs, chunked loss, cross-step reuse).
 
 Step 0 has no earlier states to reuse, so the script scores step 0 with (b), applies its choice as the
-search would, then times step 1 with both (a) and (b) and checks that they rank the candidates alike.
+search would, then times steps 1..N (``--steps``) with both (a) and (b), checks that they rank the
+candidates alike, and applies each step's choice.
 
-    .venv/bin/python benchmarks/search_speed.py [--dtype float32|bfloat16] [--sequences 4] [--seqlen 512]
+    .venv/bin/python benchmarks/search_speed.py [--dtype float32|bfloat16] [--sequences 4] [--seqlen 512] [--steps 1]
 """
 
 from __future__ import annotations
