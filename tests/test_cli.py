@@ -70,6 +70,35 @@ def test_prune_end_to_end_with_extract(tiny_model_dir, calibration_txt, tmp_path
     assert json.loads((run / "pruning_config.json").read_text()) == summary["plan"]
 
 
+def test_prune_do_eval_writes_dense_and_pruned_results(tiny_model_dir, calibration_txt, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(
+            prune_args(
+                tiny_model_dir,
+                run,
+                calibration_txt,
+                "--max-steps",
+                "2",
+                "--do_eval",
+                "--eval-tasks",
+                f"{calibration_txt},piqa",
+                "--eval-limit",
+                "2",
+                "--eval-seqlen",
+                "16",
+            )
+        )
+        == 0
+    )
+    dense, pruned = (json.loads((run / f"eval_{name}.json").read_text()) for name in ("dense", "pruned"))
+    assert dense["pruned_model_params"] == dense["total_params"] == pruned["total_params"]
+    assert pruned["pruned_model_params"] < dense["pruned_model_params"]
+    assert pruned["ratio"] > 0 and dense["ratio"] == 0
+    assert {"ppl_calib", "piqa"} <= set(pruned) and (run / "eval_pruned.csv").is_file()
+    assert "ppl_calib" in capsys.readouterr().out
+
+
 def test_existing_run_needs_resume(tiny_model_dir, calibration_txt, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "1")) == 0

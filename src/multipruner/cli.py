@@ -130,6 +130,7 @@ def add_prune(sub) -> None:
     p.add_argument("--extract", action="store_true", help="save the pruned model to <output_path>/model")
     p.add_argument("--eval-tasks", default=DEFAULT_EVAL_TASKS, type=_tasks)
     p.add_argument("--eval-limit", type=int, default=200, help="examples per zero-shot task (0: all)")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (the papers: 2048)")
     p.set_defaults(func=cmd_prune)
 
 
@@ -169,6 +170,7 @@ def cmd_prune(args) -> None:
         do_eval=args.do_eval,
         eval_tasks=args.eval_tasks,
         eval_limit=args.eval_limit or None,
+        eval_seqlen=args.eval_seqlen,
     )
     summary = prune(job)
     rows = [

@@ -168,26 +168,19 @@ def prune(job: PruneJob) -> dict:
             from .evaluation.runner import evaluate, write_results
 
             prunable.restore()
-            dense_result = evaluate(
-                model,
-                tokenizer,
-                job.eval_tasks,
-                limit=job.eval_limit,
-                seqlen=job.eval_seqlen,
-                progress=job.progress,
-            )
-            write_results(dense_result, run.path / "eval_dense.json")
-            pruned_result = evaluate(
-                pruned,
-                tokenizer,
-                job.eval_tasks,
-                limit=job.eval_limit,
-                seqlen=job.eval_seqlen,
-                dense_params=layout.dense_params(),
-                progress=job.progress,
-            )
-            write_results(pruned_result, run.path / "eval_pruned.json")
-            summary["eval"] = {"dense": dense_result, "pruned": pruned_result}
+            summary["eval"] = {}
+            for name, candidate in (("dense", model), ("pruned", pruned)):
+                result = evaluate(
+                    candidate,
+                    tokenizer,
+                    job.eval_tasks,
+                    limit=job.eval_limit,
+                    seqlen=job.eval_seqlen,
+                    dense_params=layout.dense_params(),
+                    progress=job.progress,
+                )
+                write_results(result, run.path / f"eval_{name}.json")
+                summary["eval"][name] = result
     summary["wall_s"] = time.perf_counter() - started
     atomic_write_text(
         run.path / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2)

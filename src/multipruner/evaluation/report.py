@@ -703,7 +703,9 @@ def _calibration_lines(run: RunData, final_ppl: float | None) -> list[str]:
     block_steps = [s for s in run.steps if s.get("stage") == "block"]
     dense_width = _num((run.dense_step or {}).get("ppl_width"))
     if dense_width is None:  # a run without the width-set dense number: one line, as recorded
-        return [f"- **Calibration perplexity:** {_fmt(run.dense_ppl, '.3f')} (dense) → {_fmt(final_ppl, '.3f')} (final)"]
+        return [
+            f"- **Calibration perplexity:** {_fmt(run.dense_ppl, '.3f')} (dense) → {_fmt(final_ppl, '.3f')} (final)"
+        ]
     after_blocks = _num(block_steps[-1].get("ppl")) if block_steps else run.dense_ppl
     return [
         f"- **Calibration perplexity, block set** (block stage): {_fmt(run.dense_ppl, '.3f')} (dense) → "
