@@ -172,7 +172,7 @@ def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):
     assert main(["inspect", "--model", str(out)]) == 0
     table = capsys.readouterr().out
     rows = {int(line.split()[0]): line.split() for line in table.splitlines() if line.split()[0].isdigit()}
-    assert rows[0][2] == "4/1" and rows[1][1] == "REMOVED" and rows[2][3] == "REM" and rows[3][4] == "48"
+    assert rows[0][2] == "4/1" and rows[1][1] == "REMOVED" and rows[2][3] == "REMOVED" and rows[3][4] == "48"
     saved = PruningPlan.from_dict(json.loads((out / "multipruner_plan.json").read_text()))
     assert saved.removed_attention == {1} and saved.weight_reorder
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)

@@ -31,12 +31,12 @@ def describe_layers(model: nn.Module) -> list[dict]:
 
 def format_layer_table(model: nn.Module) -> str:
     rows = describe_layers(model)
-    lines = [f"{'layer':>5}  {'attention':>9}  {'heads/kv':>8}  {'mlp':>4}  {'mlp width':>9}  {'params':>11}"]
+    lines = [f"{'layer':>5}  {'attention':>9}  {'heads/kv':>8}  {'mlp':>7}  {'mlp width':>9}  {'params':>11}"]
     for r in rows:
         heads = f"{r['heads']}/{r['kv_heads']}" if r["attention"] else "-"
         lines.append(
             f"{r['layer']:>5}  {'yes' if r['attention'] else 'REMOVED':>9}  {heads:>8}  "
-            f"{'yes' if r['mlp'] else 'REM':>4}  {r.get('mlp_width', '-')!s:>9}  {r['params']:>11,}"
+            f"{'yes' if r['mlp'] else 'REMOVED':>7}  {r.get('mlp_width', '-')!s:>9}  {r['params']:>11,}"
         )
     total = sum(p.numel() for p in model.parameters())
     layer_total = sum(r["params"] for r in rows)

@@ -116,12 +116,14 @@ class PrunedCausalLMMixin:
         super().__init__(config, *args, **kwargs)
         resize_layers(self.model.layers, config, config.pruned_structure)
 
-    def forward(self, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            make_cache_skip_layers(
-                past_key_values, self.config, removed_attention_layers(self.config.pruned_structure)
-            )
-        return super().forward(*args, past_key_values=past_key_values, **kwargs)
+    def forward(self, *args, **kwargs):
+        # transformers 5.24 renamed ``past_key_values`` to ``cache``; earlier 5.x only knows the old name
+        for name in ("cache", "past_key_values"):
+            if kwargs.get(name) is not None:
+                make_cache_skip_layers(
+                    kwargs[name], self.config, removed_attention_layers(self.config.pruned_structure)
+                )
+        return super().forward(*args, **kwargs)
 
 
 # The config stays the family's own class (model_type unchanged, plus ``pruned_structure``), so
