@@ -335,6 +335,8 @@ def test_missing_run_dir_is_named(tmp_path):
 def test_plot_functions_take_data():
     steps = _synthetic_steps()
     assert plot_trajectory(steps, dense_ppl=18.2).axes
+    marked = plot_trajectory(steps, dense_ppl=18.2, dense_width_ppl=17.0).axes[0]
+    assert any("width set" in t.get_text() for t in marked.get_legend().get_texts())
     assert plot_trajectory([]).axes  # an empty run still draws
     structure = LayerStructure.from_reference(steps[-1]["plan"], head_dim=HEAD_DIM, num_heads=HEADS)
     assert structure.num_layers == LAYERS

@@ -326,8 +326,14 @@ def structure_of_run(run: RunData) -> LayerStructure | None:
 
 
 # =========================================================================== figures
-def plot_trajectory(steps: Sequence[Mapping], dense_ppl: float | None = None) -> Figure:
-    """Calibration perplexity (log scale) against the pruning ratio, one colour per stage."""
+def plot_trajectory(
+    steps: Sequence[Mapping], dense_ppl: float | None = None, dense_width_ppl: float | None = None
+) -> Figure:
+    """Calibration perplexity (log scale) against the pruning ratio, one colour per stage.
+
+    The width stages score on their own calibration set, so the curve jumps where they start; a dotted
+    line marks that point and a hollow star the dense model's perplexity on the width set.
+    """
     points = [
         (float(s["ratio"]), float(s["ppl"]), str(s.get("stage", "?")))
         for s in sorted(steps, key=lambda s: s.get("step", 0))
@@ -352,6 +358,19 @@ def plot_trajectory(steps: Sequence[Mapping], dense_ppl: float | None = None) ->
             color="black",
             zorder=3,
             label=f"dense (ppl {dense_ppl:.2f})",
+        )
+    block_ratios = [r for r, _, stage in points if stage == "block"]
+    if dense_width_ppl and block_ratios and len(block_ratios) < len(points):
+        ax.axvline(max(block_ratios), color="0.5", ls=":", lw=1, zorder=0)
+        ax.scatter(
+            [0.0],
+            [dense_width_ppl],
+            marker="*",
+            s=180,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+            label=f"dense, width set (ppl {dense_width_ppl:.2f}): used from the dotted line on",
         )
     if points:
         r, p, _ = points[-1]
@@ -790,7 +809,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     if run.steps or run.dense_ppl:
         emit(
-            plot_trajectory(run.steps, run.dense_ppl),
+            plot_trajectory(run.steps, run.dense_ppl, _num((run.dense_step or {}).get("ppl_width"))),
             TRAJECTORY_PNG,
             "Calibration perplexity vs pruning ratio",
         )
