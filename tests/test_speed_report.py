@@ -14,6 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from multipruner.evaluation.report import (
     LayerStructure,
+    RunData,
+    comparison_rows,
     plot_comparison,
     plot_structure,
     plot_trajectory,
@@ -345,3 +347,34 @@ def test_plot_functions_take_data():
     assert plot_comparison(None, None, None) is None
     assert len(plot_comparison({"piqa": 60.0}, {"piqa": 55.0}, {"prefill_speedup": 1.3}).axes) == 2
     assert len(plot_comparison(None, None, {"decode_speedup": 1.1}).axes) == 1
+
+
+def test_comparison_names_metric_and_averages_tasks_without_winogrande():
+    def evaluation(piqa, boolq):
+        return {
+            "ppl_wikitext2": 20.0,
+            "piqa": piqa,
+            "boolq": boolq,
+            "5cs_acc_avg": None,
+            "details": {
+                "tasks": {
+                    "piqa": {"acc": 0.6, "acc_norm": piqa / 100},
+                    "boolq": {"acc": boolq / 100, "acc_norm": None},
+                }
+            },
+        }
+
+    run = RunData(
+        run_dir=Path("run"),
+        steps=[],
+        dense_step=None,
+        plan=None,
+        eval_dense=evaluation(66.0, 40.0),
+        eval_pruned=evaluation(64.0, 50.0),
+        bench=None,
+    )
+    rows = {label: (dense, pruned, change) for label, dense, pruned, change in comparison_rows(run)}
+    assert rows["PIQA acc_norm (%)"] == ("66.00", "64.00", "-2.00 pt")
+    assert rows["BoolQ acc (%)"] == ("40.00", "50.00", "+10.00 pt")
+    assert rows["Average of these 2 tasks (%)"] == ("53.00", "57.00", "+4.00 pt")
+    assert not any(label.startswith("5-task") for label in rows)
