@@ -27,24 +27,26 @@ def best_seconds(work, repeats: int) -> float:
     return min(times)
 
 
+def time_dtype(model_name: str, dtype: torch.dtype) -> tuple[float, float, float]:
+    acts = torch.randn(1024, 576, dtype=dtype)
+    up = torch.randn(576, 1536, dtype=dtype)
+    head = torch.randn(49152, 576, dtype=dtype)
+    model, _ = load_model(model_name, dtype=str(dtype).removeprefix("torch."))
+    ids = torch.randint(0, model.config.vocab_size, (2, 512))
+    with torch.no_grad():
+        return (
+            best_seconds(lambda: acts @ up, 10),
+            best_seconds(lambda: acts @ head.T, 5),
+            best_seconds(lambda: model(ids), 3),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        acts = torch.randn(1024, 576, dtype=dtype)
-        up = torch.randn(576, 1536, dtype=dtype)
-        head = torch.randn(49152, 576, dtype=dtype)
-        model, _ = load_model(args.model, dtype=str(dtype).removeprefix("torch."))
-        ids = torch.randint(0, model.config.vocab_size, (2, 512))
-        with torch.no_grad():
-            seconds[dtype] = (
-                best_seconds(lambda: acts @ up, 10),
-                best_seconds(lambda: acts @ head.T, 5),
-                best_seconds(lambda: model(ids), 3),
-            )
+    seconds = {dtype: time_dtype(args.model, dtype) for dtype in (torch.float32, torch.bfloat16)}
     names = ("matmul 1024x576x1536", "matmul 1024x576x49152", f"forward {args.model} 2x512")
     print(f"{'':26} {'float32':>10} {'bfloat16':>10} {'bf16 speed-up':>14}")
     for k, name in enumerate(names):
