@@ -349,29 +349,18 @@ def plot_trajectory(
         xs = [r for r, _, s in points if s == stage]
         ys = [p for _, p, s in points if s == stage]
         ax.scatter(xs, ys, color=color, s=22, zorder=2, label=f"{stage} ({len(xs)} steps)")
+
+    def dense_star(ppl: float, label: str, filled: bool) -> None:
+        fill = {"color": "black"} if filled else {"facecolors": "none", "edgecolors": "black"}
+        ax.scatter([0.0], [ppl], marker="*", s=180, zorder=3, label=label, **fill)
+
     if dense_ppl:
-        ax.scatter(
-            [0.0],
-            [dense_ppl],
-            marker="*",
-            s=180,
-            color="black",
-            zorder=3,
-            label=f"dense (ppl {dense_ppl:.2f})",
-        )
+        dense_star(dense_ppl, f"dense (ppl {dense_ppl:.2f})", filled=True)
     block_ratios = [r for r, _, stage in points if stage == "block"]
     if dense_width_ppl and block_ratios and len(block_ratios) < len(points):
         ax.axvline(max(block_ratios), color="0.5", ls=":", lw=1, zorder=0)
-        ax.scatter(
-            [0.0],
-            [dense_width_ppl],
-            marker="*",
-            s=180,
-            facecolors="none",
-            edgecolors="black",
-            zorder=3,
-            label=f"dense, width set (ppl {dense_width_ppl:.2f}): used from the dotted line on",
-        )
+        label = f"dense, width set (ppl {dense_width_ppl:.2f}): used from the dotted line on"
+        dense_star(dense_width_ppl, label, filled=False)
     if points:
         r, p, _ = points[-1]
         ax.annotate(
