@@ -34,6 +34,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
 from ..io_utils import atomic_write_bytes
+from .zeroshot import headline_metric
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class RunData:
     @property
     def dense_ppl(self) -> float | None:
         return _num((self.dense_step or {}).get("ppl"))
+
+    @property
+    def dense_width_ppl(self) -> float | None:
+        """The dense model's perplexity on the width-stage calibration set, when the run recorded it."""
+        return _num((self.dense_step or {}).get("ppl_width"))
 
 
 def read_steps(path: str | Path) -> list[dict]:
@@ -641,11 +647,11 @@ def comparison_rows(run: RunData) -> list[tuple[str, str, str, str]]:
 
 
 def _metric_name(dense_ev: Mapping, pruned_ev: Mapping, task: str) -> str:
-    """The metric behind a task's headline number: acc_norm where the task has it (as in the paper), else acc."""
+    """The metric behind a task's headline number, from the eval file's details (acc when they are absent)."""
     for ev in (pruned_ev, dense_ev):
-        details = ((ev.get("details") or {}).get("tasks") or {}).get(task) or {}
+        details = ((ev.get("details") or {}).get("tasks") or {}).get(task)
         if details:
-            return "acc_norm" if _num(details.get("acc_norm")) is not None else "acc"
+            return headline_metric(details)
     return "acc"
 
 
@@ -730,7 +736,7 @@ def _layout_text(layout: Mapping | None) -> str:
 def _calibration_lines(run: RunData, final_ppl: float | None) -> list[str]:
     """Perplexities on the set each stage was scored on: blocks use one calibration set, widths another."""
     block_steps = [s for s in run.steps if s.get("stage") == "block"]
-    dense_width = _num((run.dense_step or {}).get("ppl_width"))
+    dense_width = run.dense_width_ppl
     if dense_width is None:  # a run without the width-set dense number: one line, as recorded
         return [
             f"- **Calibration perplexity:** {_fmt(run.dense_ppl, '.3f')} (dense) → {_fmt(final_ppl, '.3f')} (final)"
@@ -819,7 +825,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     if run.steps or run.dense_ppl:
         emit(
-            plot_trajectory(run.steps, run.dense_ppl, _num((run.dense_step or {}).get("ppl_width"))),
+            plot_trajectory(run.steps, run.dense_ppl, run.dense_width_ppl),
             TRAJECTORY_PNG,
             "Calibration perplexity vs pruning ratio",
         )

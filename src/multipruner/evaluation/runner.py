@@ -46,14 +46,13 @@ def evaluate(
         )
         log.info("%s perplexity (seqlen %d): %.3f", name, seqlen, result[f"ppl_{name}"])
     if zero_shot:
-        from .zeroshot import evaluate_zero_shot
+        from .zeroshot import evaluate_zero_shot, headline_metric
 
         scores = evaluate_zero_shot(
             model, tokenizer, zero_shot, limit=limit, batch_size=batch_size, overrides=overrides, device=None
         )
         for task, metrics in scores["tasks"].items():
-            value = metrics["acc_norm"] if metrics.get("acc_norm") is not None else metrics["acc"]
-            result[task] = round(100 * value, 2)
+            result[task] = round(100 * metrics[headline_metric(metrics)], 2)
         result["5cs_acc_avg"] = None if scores["paper_avg"] is None else round(100 * scores["paper_avg"], 2)
         result["details"] = scores
     result["limit"] = limit

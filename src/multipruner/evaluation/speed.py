@@ -205,7 +205,9 @@ def _decode(bench: _Bench, prompt: torch.Tensor, new_tokens: int) -> float:
     seconds, out = _timed(run, bench.device)
     bench.generated_tokens = int(out.sequences.shape[0] * (out.sequences.shape[1] - prompt.shape[1]))
     # ``cache`` since transformers 5.24, ``past_key_values`` before
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
     bench.kv_cache_bytes = cache_bytes(cache)
     return seconds
 

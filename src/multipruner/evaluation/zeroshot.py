@@ -246,6 +246,11 @@ def _summarize(raw: Mapping[str, Any], lm_names: Mapping[str, str]) -> dict[str,
     return summary
 
 
+def headline_metric(metrics: Mapping[str, Any]) -> str:
+    """The metric the paper reports for a task: acc_norm where the task has it, else acc."""
+    return "acc_norm" if metrics.get("acc_norm") is not None else "acc"
+
+
 def paper_average(task_results: Mapping[str, Mapping[str, Any]]) -> float | None:
     """Mean over PAPER_TASKS of acc_norm where the task has it, else acc (fractions).
 
@@ -253,10 +258,7 @@ def paper_average(task_results: Mapping[str, Mapping[str, Any]]) -> float | None
     """
     if not all(t in task_results for t in PAPER_TASKS):
         return None
-    scores = [
-        r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]
-        for r in (task_results[t] for t in PAPER_TASKS)
-    ]
+    scores = [task_results[t][headline_metric(task_results[t])] for t in PAPER_TASKS]
     return sum(scores) / len(scores)
 
 
