@@ -135,3 +135,109 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_llama, tmp_path):
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="could not load"):
         load_pruned(out)
+
+
+def _narrow_plan(layout: ModelLayout) -> PruningPlan:
+    """MLP 0 narrowed, attention 1 narrowed by one KV group, MLP 2 removed; layer 3 untouched."""
+    return (
+        PruningPlan.dense(layout)
+        .with_width("mlp", 0, layout.mlp_width // 3)
+        .with_width("attention", 1, layout.attention_width - layout.heads.unit_channels)
+        .without_block("mlp", 2)
+    )
+
+
+def test_extract_leaves_nothing_on_meta(tiny_model, token_ids):
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    plan = random_plan(prunable.layout, random.Random(3))
+    with prunable.trial(plan):
+        masked = tiny_model(token_ids).logits
+    pruned = extract(prunable, plan)
+    assert [n for n, p in pruned.named_parameters() if p.is_meta] == []
+    assert [n for n, b in pruned.named_buffers() if b.is_meta] == []
+    # the non-persistent buffers (rotary frequencies, Gemma's embed scale) come from the dense model
+    dense_buffers = dict(tiny_model.named_buffers())
+    for name, buffer in pruned.named_buffers():
+        assert torch.equal(buffer, dense_buffers[name]), name
+    assert not pruned.training
+    assert rel_err(pruned(token_ids).logits, masked) < 1e-6
+
+
+def test_extract_refuses_to_return_meta_tensors(tiny_llama, monkeypatch):
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    monkeypatch.setattr("multipruner.export._fill_meta_buffers", lambda pruned, dense: None)
+    with pytest.raises(RuntimeError, match="internal error.*meta device.*inv_freq"):
+        extract(prunable, PruningPlan.dense(prunable.layout))
+
+
+def test_extract_reuses_dense_storage_and_copies_only_column_slices(tiny_llama):
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    plan = _narrow_plan(prunable.layout)
+    width = plan.mlp_width[0]
+    pruned = extract(prunable, plan)
+    dense_layers, layers = prunable.adapter.layers(tiny_llama), prunable.adapter.layers(pruned)
+
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    # kept whole: the very same memory (no random init, no copy)
+    assert layers[3].mlp.down_proj.weight.data_ptr() == dense_layers[3].mlp.down_proj.weight.data_ptr()
+    assert layers[3].self_attn.q_proj.weight.data_ptr() == dense_layers[3].self_attn.q_proj.weight.data_ptr()
+    assert pruned.model.embed_tokens.weight.data_ptr() == tiny_llama.model.embed_tokens.weight.data_ptr()
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # still tied
+    # row slice: a view of the dense tensor's storage
+    gate, dense_gate = layers[0].mlp.gate_proj.weight, dense_layers[0].mlp.gate_proj.weight
+    assert gate.shape == (width, dense_gate.shape[1])
+    assert storage(gate) == storage(dense_gate)
+    assert torch.equal(gate, dense_gate[:width])
+    # column slice: a compact copy holding exactly the kept columns
+    down, dense_down = layers[0].mlp.down_proj.weight, dense_layers[0].mlp.down_proj.weight
+    assert storage(down) != storage(dense_down)
+    assert down.is_contiguous() and down.untyped_storage().nbytes() == down.numel() * down.element_size()
+    assert torch.equal(down, dense_down[:, :width])
+    q_width = plan.attention_width[1]
+    o_proj, dense_o = layers[1].self_attn.o_proj.weight, dense_layers[1].self_attn.o_proj.weight
+    assert storage(o_proj) != storage(dense_o) and torch.equal(o_proj, dense_o[:, :q_width])
+    # the dense model is untouched and still whole
+    assert dense_gate.shape[0] == prunable.layout.mlp_width
+    assert dense_layers[2].mlp.down_proj.weight.shape[1] == prunable.layout.mlp_width
+
+
+def test_extract_keeps_bf16(tiny_model, token_ids):
+    tiny_model.to(torch.bfloat16)
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    plan = random_plan(prunable.layout, random.Random(4))
+    with prunable.trial(plan):
+        masked = tiny_model(token_ids).logits
+    pruned = extract(prunable, plan)
+    assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
+    dense_buffers = dict(tiny_model.named_buffers())
+    for name, buffer in pruned.named_buffers():
+        assert buffer.dtype == dense_buffers[name].dtype, name
+    logits = pruned(token_ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(logits, masked)
+
+
+def test_save_reload_when_dense_weights_share_one_storage(tiny_llama, token_ids, tmp_path):
+    # Some loaders hand out every weight as a view of one buffer; the pruned model then holds views into a
+    # storage much larger than each tensor. The file must hold just the pruned tensors, and reload exactly.
+    params = list(tiny_llama.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    plan = _narrow_plan(prunable.layout)
+    pruned = extract(prunable, plan)
+    q = prunable.adapter.layers(pruned)[3].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    out = save_pruned(pruned, None, tmp_path / "pruned", plan, prunable.layout)
+    pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters())
+    assert pruned_bytes <= (out / "model.safetensors").stat().st_size < pruned_bytes + 64 * 1024
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    logits = pruned(token_ids).logits
+    assert torch.equal(stock(token_ids).logits, logits)
+    with prunable.trial(plan):
+        assert torch.equal(tiny_llama(token_ids).logits, logits)

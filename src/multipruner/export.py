@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, adapter_for, base_model_type
+from .errors import UsageError
+from .faults import crash_point
 from .io_utils import atomic_directory
 from .layout import ModelLayout
 from .modeling import modeling_multipruner as pruned_modeling
@@ -23,7 +25,7 @@ MODELING_FILE = Path(pruned_modeling.__file__)
 PLAN_FILENAME = "multipruner_plan.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A saved pruned model that cannot be read."""
 
 
@@ -63,21 +65,69 @@ def pruned_config(dense_config, plan: PruningPlan, layout: ModelLayout, adapter:
     return type(text_config).from_dict(data), model_cls
 
 
+def _kept_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masked model's state dict, copying only what a plain load could not use as is.
+
+    Under a plan, row slices (``weight[:rows]``) are contiguous views and are kept as views; column
+    slices (``weight[:, :cols]``) are not contiguous, so ``.contiguous()`` copies just those. Full
+    tensors are the dense ones themselves. Each keeps its dtype and device.
+    """
+    return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+
+
+def _fill_meta_buffers(pruned: nn.Module, dense: nn.Module) -> None:
+    """Take the buffers ``load_state_dict`` does not set (non-persistent: rotary ``inv_freq``, Gemma's
+    embed scale, ...) from the dense model, by name: the masked model has the extracted one's names."""
+    dense_buffers = dict(dense.named_buffers(remove_duplicate=False))
+    for name, buffer in pruned.named_buffers(remove_duplicate=False):
+        if buffer.device.type != "meta":
+            continue
+        if name not in dense_buffers:
+            raise RuntimeError(f"internal error: buffer {name} of the pruned model has no dense counterpart")
+        module_name, _, attr = name.rpartition(".")
+        # cloned: buffers are small, and some (rotary state) are replaced or updated during inference
+        pruned.get_submodule(module_name)._buffers[attr] = dense_buffers[name].clone()
+
+
+def _meta_tensor_names(model: nn.Module) -> list[str]:
+    """Parameters, buffers and plain tensor attributes of ``model`` still on the meta device."""
+    names = [n for n, t in model.named_parameters(remove_duplicate=False) if t.device.type == "meta"]
+    names += [n for n, t in model.named_buffers(remove_duplicate=False) if t.device.type == "meta"]
+    for module_name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    return names
+
+
 @torch.no_grad()
 def extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
     """A new model holding only the weights ``plan`` keeps, with the masked model's outputs.
 
     The dense model must already be reordered if the plan says so (see ``prepare_dense``).
+
+    The pruned model is built on the meta device (no random initialisation, no memory) and then given
+    the masked dense model's tensors: each keeps the dtype and device of the dense tensor it comes from
+    (a model spread over devices stays where it is), and only column slices, which are not contiguous,
+    are copied. So the result **shares storage with the dense model** for every full or row-sliced
+    tensor (a row-sliced tensor keeps the dense tensor's whole storage alive): the extra memory is a
+    fraction of the dense model's rather than a second full copy. In-place edits of the pruned model's
+    weights therefore change the dense model too (and vice versa); callers that modify weights in place
+    (fine-tuning, quantising in place, ...) must clone them first, e.g.
+    ``for p in pruned.parameters(): p.data = p.data.clone()``.
     """
     plan.validate(prunable.layout)
     config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
+    with torch.device("meta"):
+        pruned = model_cls(config)
     with prunable.trial(plan):
-        state = {k: v.detach().contiguous().clone() for k, v in prunable.model.state_dict().items()}
-    dtype = next(prunable.model.parameters()).dtype
-    pruned = model_cls(config).to(dtype)
-    pruned.load_state_dict(state, strict=True)
+        pruned.load_state_dict(_kept_tensors(prunable.model), strict=True, assign=True)
+        _fill_meta_buffers(pruned, prunable.model)
     pruned.tie_weights()
-    return pruned.eval().to(next(prunable.model.parameters()).device)
+    if left := _meta_tensor_names(pruned):
+        raise RuntimeError(f"internal error: extraction left tensors on the meta device: {left[:8]}")
+    log.debug("extracted %d parameters", sum(p.numel() for p in pruned.parameters()))
+    return pruned.eval()
 
 
 def prepare_dense(model: nn.Module, weight_reorder: bool) -> PrunableModel:
@@ -108,6 +158,7 @@ def save_pruned(
         if plan is not None:
             plan.save(tmp / PLAN_FILENAME, layout)
             plan.save_reference(tmp / "pruning_config.json")
+        crash_point("model_written")
     log.info("saved pruned model to %s", output)
     return output
 
