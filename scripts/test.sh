@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite offline. Extra arguments go to pytest.
+# Set up (if needed) and run the whole test suite offline, slow tests included (CI runs this).
+# Extra arguments go to pytest: locally, `bash scripts/test.sh -m "not slow"` runs the fast subset
+# (tests marked slow use a real embedded model or take more than ~5 s on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,52 @@ from transformers import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tool and interpreter output that appears on its own; runs/ is not excluded (a test must not write there).
+_UNWATCHED_DIRS = frozenset({".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"})
+
+
+def _tree_paths(root: str, skip: frozenset[str]) -> set[str]:
+    """Every file and directory under ``root``, not descending into unwatched ones or those in ``skip``."""
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in _UNWATCHED_DIRS
+            and not d.endswith(".egg-info")
+            and os.path.join(dirpath, d) not in skip
+        ]
+        found.update(os.path.join(dirpath, d) for d in dirnames)
+        found.update(os.path.join(dirpath, f) for f in filenames)
+    return found
+
+
+def _dir_entries(path: str) -> set[str]:
+    try:
+        return {os.path.join(path, name) for name in os.listdir(path)}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_files(tmp_path_factory):
+    """Fail a test that leaves files in the repository tree or the working directory (not its temp dir)."""
+    basetemp = str(tmp_path_factory.getbasetemp().resolve())  # created now, so it is never "new"
+    root = str(REPO_ROOT)
+    cwd = os.path.realpath(os.getcwd())
+    watch_cwd = cwd != root and not cwd.startswith(root + os.sep)  # inside the repo: the walk covers it
+    skip = frozenset({basetemp})
+    before = _tree_paths(root, skip)
+    cwd_before = _dir_entries(cwd) if watch_cwd else set()
+    yield
+    new = _tree_paths(root, skip) - before
+    if watch_cwd:
+        new |= {p for p in _dir_entries(cwd) - cwd_before if p != basetemp}
+    if new:
+        pytest.fail(f"test left files outside its temp dir: {sorted(new)[:10]}")
+
 
 VOCAB = 128
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from multipruner.cli import main
 from multipruner.evaluation.perplexity import stream_perplexity
+from multipruner.evaluation.results import EvalResult
 
 
 def test_stream_perplexity_matches_straightforward(tiny_model):
@@ -52,11 +53,13 @@ def test_eval_cli_text_and_zero_shot(tiny_model_dir, calibration_txt, tmp_path, 
         )
         == 0
     )
-    result = json.loads(out.read_text())
-    assert result["ppl_calib"] > 1.0 and 0.0 <= result["piqa"] <= 100.0
-    assert result["details"]["tasks"]["piqa"]["n"] == 3
+    result = EvalResult.read(out)
+    assert result.tasks["calib"]["ppl"].value > 1.0 and result.tasks["calib"]["ppl"].n > 0
+    piqa = result.tasks["piqa"]["acc_norm"]
+    assert 0.0 <= piqa.value <= 1.0 and piqa.n == 3 and piqa.stderr is not None
     row = next(csv.DictReader(out.with_suffix(".csv").open()))
-    assert float(row["piqa"]) == result["piqa"] and int(row["total_params"]) == result["total_params"]
+    assert float(row["piqa"]) == round(100 * piqa.value, 2)
+    assert int(row["total_params"]) == result.meta.params and float(row["ppl_calib"]) > 1.0
     assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "no_such_task", "--limit", "3"]) != 0
 
 
@@ -120,6 +123,22 @@ def test_bench_and_report_cli(tiny_model_dir, calibration_txt, tmp_path, capsys)
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
-    assert "mlp_width" in report or "MLP" in report
+    # The removed blocks are those of the run's own plan, and the steps table has one row per record.
+    plan = json.loads((run / "plan.json").read_text())
+    removed_attention, removed_mlp = plan["removed_attention"], plan["removed_mlp"]
+    assert removed_attention or removed_mlp, "half of a 25 % target goes to blocks: at least one is removed"
+    assert (
+        f"- **Removed blocks:** attention {removed_attention or 'none'}; MLP {removed_mlp or 'none'}\n"
+        in report
+    )
+    records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
+    searched = [r for r in records if r["step"] != -1]
+    assert len(searched) >= 2 and len(records) == len(searched) + 1  # the dense record, then the steps
+    table = report.split("## Search steps\n", 1)[1].splitlines()
+    rows = [line.strip("|").split("|") for line in table if line.startswith("| ")][2:]  # past the header
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [("dense", "—")] + [
+        (str(r["step"]), r["stage"]) for r in searched
+    ]
+    assert rows[-1][4].strip() == f"{searched[-1]['ratio']:.2f}"
     for png in ("trajectory.png", "structure.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+from conftest import TINY_MODELS
 
 from multipruner import PlanError, PruningPlan, layout_of, load_plan
 from multipruner.adapters import UnsupportedArchitectureError, adapter_for
@@ -70,16 +72,12 @@ def test_invalid_plans_name_the_problem(layout, mutate, message):
 
 
 def test_mlp_width_must_be_whole_groups(layout):
-    from dataclasses import replace
-
     plan = replace(PruningPlan.dense(layout), mlp_group_size=32).with_width("mlp", 0, 80)
     with pytest.raises(PlanError, match="groups of 32"):
         plan.validate(layout)
 
 
 def test_attention_group_size_must_not_split_kv_group(layout):
-    from dataclasses import replace
-
     with pytest.raises(PlanError, match="splits a KV group"):
         replace(PruningPlan.dense(layout), attention_group_size=16).validate(layout)
 
@@ -96,13 +94,30 @@ def test_missing_and_malformed_files(layout, tmp_path):
         load_plan(bad, layout)
 
 
-def test_plan_for_another_model_is_rejected(layout, tmp_path, tiny_model):
-    other = layout_of(tiny_model)
+def _shape(layout) -> tuple[int, int]:
+    return layout.num_layers, layout.hidden_size
+
+
+@pytest.mark.parametrize("differs_in", ["architecture", "num_layers", "hidden_size"])
+def test_plan_for_another_model_is_rejected(tiny_model, differs_in, tmp_path):
+    # Saved with the parametrised model's layout, loaded against a layout that really differs.
+    made_for = layout_of(tiny_model)
+    if differs_in == "architecture":
+        others = (layout_of(build()) for build in TINY_MODELS.values())
+        loaded_with = next(o for o in others if _shape(o) != _shape(made_for))
+    elif differs_in == "num_layers":
+        loaded_with = replace(made_for, num_layers=made_for.num_layers + 1)
+    else:  # only the hidden size: the plan's widths still fit, so only the stored layout can tell
+        loaded_with = replace(made_for, hidden_size=made_for.hidden_size * 2)
+    assert _shape(loaded_with) != _shape(made_for)
     path = tmp_path / "plan.json"
-    PruningPlan.dense(other).save(path, other)
-    if (other.num_layers, other.hidden_size) != (layout.num_layers, layout.hidden_size):
-        with pytest.raises(PlanError, match="made for a model"):
-            load_plan(path, layout)
+    PruningPlan.dense(made_for).save(path, made_for)
+    assert load_plan(path, made_for) == PruningPlan.dense(made_for)  # its own model accepts it
+    saved = f"made for a model with {made_for.num_layers} layers / hidden size {made_for.hidden_size}"
+    loading = f"not this one ({loaded_with.num_layers} / {loaded_with.hidden_size})"
+    with pytest.raises(PlanError) as err:
+        load_plan(path, loaded_with)
+    assert saved in str(err.value) and loading in str(err.value), str(err.value)
 
 
 def test_unsupported_architecture_lists_supported():
