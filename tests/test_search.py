@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from multipruner import prepare_dense
+from multipruner.racing import RaceSettings, exact_survivors, paired_survivors
 from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity
 from multipruner.search import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
 
@@ -27,15 +28,16 @@ def _settings(prunable, **kw):
     return SearchSettings(**base)
 
 
-def test_every_step_matches_brute_force(tiny_model):
+@pytest.mark.parametrize("mode", ["off", "exact"])
+def test_every_step_matches_brute_force(tiny_model, mode):
     prunable = prepare_dense(tiny_model, weight_reorder=True)
-    tokens = _calibration(tiny_model.config.vocab_size)
-    loss = LossSettings(ignore_index=5, batch_size=3)
+    tokens = _calibration(tiny_model.config.vocab_size, n=6)
+    loss = LossSettings(ignore_index=5, batch_size=2)
     scorers = {
         "block": CalibrationScorer(prunable, tokens, loss),
-        "width": CalibrationScorer(prunable, tokens[:2], loss),
+        "width": CalibrationScorer(prunable, tokens[:4], loss),
     }
-    settings = _settings(prunable)
+    settings = _settings(prunable, search=mode)
     records = []
     run_search(prunable, scorers, settings, on_step=lambda rec, plan: records.append(rec), progress=False)
     assert {r.stage for r in records} == {s.name for s in STAGES}
@@ -43,15 +45,21 @@ def test_every_step_matches_brute_force(tiny_model):
     plan = initial_plan(prunable.layout, settings)
     for rec in records:
         stage = next(s for s in STAGES if s.name == rec.stage)
-        data = tokens if stage.calibration == "block" else tokens[:2]
+        data = tokens if stage.calibration == "block" else tokens[:4]
         brute = []
         for cand in rec.candidates:
             with prunable.trial(Candidate.from_dict(cand).apply(plan)):
                 brute.append(full_forward_perplexity(tiny_model, data, loss))
-        fast = [c["ppl"] for c in rec.candidates]
-        assert fast == pytest.approx(brute, rel=1e-5)
+        scored = [k for k, c in enumerate(rec.candidates) if c["ppl"] is not None]
+        assert [rec.candidates[k]["ppl"] for k in scored] == pytest.approx(
+            [brute[k] for k in scored], rel=1e-5
+        )
+        if mode == "off":
+            assert len(scored) == len(brute) and rec.skipped_batches == 0
         brute_choice = rec.candidates[min(range(len(brute)), key=lambda k: (brute[k], k))]
         assert Candidate.from_dict(brute_choice) == Candidate.from_dict(rec.choice)
+        # an eliminated candidate is provably worse than the choice
+        assert all(brute[k] > rec.choice["ppl"] * (1 - 1e-5) for k in range(len(brute)) if k not in scored)
         plan = Candidate.from_dict(rec.choice).apply(plan)
 
 
@@ -123,3 +131,85 @@ def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):
         )
     assert runs[0.0][0] == runs[1e-4][0] == runs[2048.0][0]  # bit-identical scores and choices
     assert runs[2048.0][1] < runs[1e-4][1] <= runs[0.0][1]
+
+
+def test_exact_racing_bound_keeps_ties_and_drops_only_sure_losers():
+    partial = {0: 3.0, 1: 5.0, 2: 5.0000001, 3: 0.0}
+    assert exact_survivors(partial, bound=5.0) == {0, 1, 3}  # a tie with the finished leader survives
+
+
+def test_paired_test_keeps_the_leader_and_close_candidates():
+    torch.manual_seed(0)
+    base = torch.rand(8) * 2 + 3
+    nll = {
+        0: base + 0.5 + 0.01 * torch.randn(8),  # consistently worse: dropped
+        1: base,  # the leader
+        2: base + 0.05 * torch.randn(8),  # within noise of the leader: kept
+        3: base + 5.0,  # far worse
+    }
+    assert paired_survivors(nll, z=3.0) == {1, 2}
+    assert paired_survivors({7: base}, z=3.0) == {7}
+
+
+@pytest.fixture(scope="module")
+def counting_llama():
+    """A tiny Llama trained for a few steps to continue x, x+1, x+2, ...: unlike a random model, its
+    blocks matter, so some candidates of a block step are far worse than others (as in real models)."""
+    import copy
+
+    from conftest import _llama_gqa
+
+    torch.manual_seed(0)
+    model = _llama_gqa()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        ids = _counting_sequences(model.config.vocab_size, 8, seed=None)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().requires_grad_(False)
+    return lambda: copy.deepcopy(model)
+
+
+def _counting_sequences(vocab: int, n: int, seed: int | None, seqlen: int = 16) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return (torch.randint(0, vocab, (n, 1), generator=generator) + torch.arange(seqlen)) % vocab
+
+
+def _block_step(model):
+    """The plans of the first block step, with a scorer over 4 batches."""
+    prunable = prepare_dense(model, weight_reorder=False)
+    tokens = _counting_sequences(model.config.vocab_size, 8, seed=3)
+    scorer = CalibrationScorer(prunable, tokens, LossSettings(batch_size=2))
+    settings = _settings(prunable)
+    plan = initial_plan(prunable.layout, settings)
+    cands = STAGES[0].candidates(plan, settings)
+    return scorer, [c.apply(plan) for c in cands], [c.layer for c in cands]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_racing_choice_equals_full_scoring_with_the_worst_candidate_first(counting_llama, mode):
+    scorer, plans, layers = _block_step(counting_llama())
+    full = scorer.score(plans, layers, race=RaceSettings(mode="off"))
+    worst = max(range(len(plans)), key=lambda k: full.ppl[k])
+    order = [worst] + [k for k in range(len(plans)) if k != worst]
+    plans, layers = [plans[k] for k in order], [layers[k] for k in order]
+    expected = [full.ppl[k] for k in order]
+    raced = scorer.score(plans, layers, race=RaceSettings(mode=mode))
+    assert raced.best() == min(range(len(plans)), key=lambda k: (expected[k], k))
+    for k, ppl in enumerate(raced.ppl):
+        if ppl is not None:
+            assert ppl == pytest.approx(expected[k], rel=1e-9)
+    assert raced.ppl[0] is None and raced.skipped_batches > 0
+
+
+def test_exact_racing_with_tied_candidates_keeps_the_first(counting_llama):
+    scorer, plans, layers = _block_step(counting_llama())
+    full = scorer.score(plans, layers, race=RaceSettings(mode="off"))
+    best = full.best()
+    # the same plan three times: a three-way tie for the best, which must go to the lowest index
+    tied = [plans[k] for k in range(len(plans)) if k != best] + [plans[best]] * 3
+    tied_layers = [layers[k] for k in range(len(plans)) if k != best] + [layers[best]] * 3
+    raced = scorer.score(tied, tied_layers, race=RaceSettings(mode="exact"))
+    assert raced.best() == len(plans) - 1

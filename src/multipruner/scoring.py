@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ArchitectureAdapter
+from .faults import crash_point
 from .plan import PruningPlan
+from .racing import RaceSettings, exact_survivors, paired_survivors
 from .surgery import PrunableModel
 
 
@@ -118,20 +120,17 @@ class CalibrationScorer:
         self.tokens = tokens
         self.settings = settings
         self.device = torch.device(device)
-        # candidate key -> (its plan, per batch: {layer index: hidden states entering that layer})
-        self._saved: dict[Hashable, tuple[PruningPlan, list[dict[int, torch.Tensor]]]] = {}
+        # candidate key -> (its plan, {batch: {layer index: hidden states entering that layer}})
+        self._saved: dict[Hashable, tuple[PruningPlan, dict[int, dict[int, torch.Tensor]]]] = {}
         self.layers_run = 0  # decoder-layer forwards, for benchmarks
-
-    def _batches(self):
-        for start in range(0, self.tokens.shape[0], self.settings.batch_size):
-            yield self.tokens[start : start + self.settings.batch_size].to(self.device)
 
     @torch.inference_mode()
     def perplexity(self) -> float:
         """Perplexity of the model as it is now (one full forward per batch)."""
         p, model = self.prunable, self.prunable.model
         nlls = []
-        for ids in self._batches():
+        for bounds in self._batch_bounds():
+            ids = self.tokens[bounds].to(self.device)
             hidden = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
             nlls.append(sequence_nll(model, p.adapter, hidden, ids, self.settings))
         return perplexity_from_nll(torch.cat(nlls))
@@ -167,6 +166,10 @@ class CalibrationScorer:
         stride = max(1, math.ceil(wanted / self.settings.reuse_budget_mb))
         return lambda index: index % stride == 0
 
+    def _batch_bounds(self) -> list[slice]:
+        size = self.settings.batch_size
+        return [slice(start, start + size) for start in range(0, self.tokens.shape[0], size)]
+
     @torch.inference_mode()
     def score(
         self,
@@ -174,47 +177,131 @@ class CalibrationScorer:
         first_layers: Sequence[int],
         keys: Sequence[Hashable] | None = None,
         on_batch: Callable[[int], None] | None = None,
-    ) -> list[float]:
-        """Perplexity of each plan.
+        race: RaceSettings | None = None,
+    ) -> StepScores:
+        """Perplexity of each plan (None for a candidate eliminated by ``race``).
 
         ``first_layers[k]``: the first layer where plan k differs from the current plan. ``keys[k]``: an
         identity of the candidate that stays the same across steps (enables cross-step reuse).
         """
-        p, model = self.prunable, self.prunable.model
+        race = race or RaceSettings(mode="off")
         keys = list(keys) if keys is not None else [None] * len(plans)
-        nlls: list[list[torch.Tensor]] = [[] for _ in plans]
-        saved = {k: self._saved.get(k) for k in keys if k is not None}
-        fresh: dict[Hashable, tuple[PruningPlan, list]] = {
-            k: (plan, []) for k, plan in zip(keys, plans, strict=True) if k is not None
+        batches = self._batch_bounds()
+        run = _StepRun(self, plans, first_layers, keys, on_batch)
+        alive = set(range(len(plans)))
+        if race.mode == "exact" and len(batches) > 1 and len(plans) > 1:
+            run.batch(0, alive)
+            # the best candidate after one batch is usually the winner: finish it first, then its total
+            # bounds everyone else's partial sums
+            leader = min(alive, key=lambda k: (run.partial_sum(k), k))
+            for b in range(1, len(batches)):
+                run.batch(b, {leader})
+            bound = run.partial_sum(leader)
+            for b in range(1, len(batches)):
+                alive = {leader} | exact_survivors({k: run.partial_sum(k) for k in alive - {leader}}, bound)
+                run.batch(b, alive - {leader})
+            alive = {leader} | exact_survivors({k: run.partial_sum(k) for k in alive - {leader}}, bound)
+        else:
+            for b in range(len(batches)):
+                run.batch(b, alive)
+                seen = min(run.sequences_scored(k) for k in alive)
+                if race.mode == "fast" and seen >= race.min_sequences and b < len(batches) - 1:
+                    alive = paired_survivors({k: run.sequence_nll(k) for k in alive}, race.z)
+        self._saved = run.fresh  # candidates that are gone (chosen, or of another stage) free their memory
+        total = self.tokens.shape[0]
+        ppl = [
+            math.exp(run.partial_sum(k) / total) if run.sequences_scored(k) == total else None
+            for k in range(len(plans))
+        ]
+        skipped = sum(len(batches) - len(run.nll[k]) for k in range(len(plans)))
+        if on_batch and skipped:
+            on_batch(skipped)
+        return StepScores(
+            ppl=ppl,
+            partial_ppl=[run.partial_ppl(k) for k in range(len(plans))],
+            sequences=[run.sequences_scored(k) for k in range(len(plans))],
+            skipped_batches=skipped,
+            total_batches=len(batches) * len(plans),
+        )
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """What one step's scoring found: full-set perplexity of each surviving candidate."""
+
+    ppl: list[float | None]  # None: eliminated before seeing every sequence
+    partial_ppl: list[float]  # perplexity on the sequences each candidate was scored on
+    sequences: list[int]  # sequences each candidate was scored on
+    skipped_batches: int  # candidate-batches not run thanks to racing
+    total_batches: int
+
+    def best(self) -> int:
+        """Index of the lowest perplexity (the first one on ties)."""
+        finished = [k for k, p in enumerate(self.ppl) if p is not None]
+        return min(finished, key=lambda k: (self.ppl[k], k))
+
+
+class _StepRun:
+    """Per-step bookkeeping of the scorer: per-candidate NLLs by batch, and states kept for reuse."""
+
+    def __init__(self, scorer: CalibrationScorer, plans, first_layers, keys, on_batch):
+        self.scorer, self.plans, self.first_layers, self.keys = scorer, plans, first_layers, keys
+        self.on_batch = on_batch
+        self.bounds = scorer._batch_bounds()
+        self.nll: list[dict[int, torch.Tensor]] = [{} for _ in plans]
+        self.saved = {k: scorer._saved.get(k) for k in keys if k is not None}
+        self.fresh: dict[Hashable, tuple[PruningPlan, dict[int, dict]]] = {
+            k: (plan, {}) for k, plan in zip(keys, plans, strict=True) if k is not None
         }
-        keep = self._keep_rule(first_layers, self.settings.batch_size * self.tokens.shape[1])
+        batch_tokens = scorer.settings.batch_size * scorer.tokens.shape[1]
+        self.keep = scorer._keep_rule(first_layers, batch_tokens)
+
+    def batch(self, b: int, members) -> None:
+        """Score the candidates ``members`` on batch ``b`` (one recording forward, then one tail each)."""
+        if not members:
+            return
+        scorer = self.scorer
+        p, model = scorer.prunable, scorer.prunable.model
+        ids = scorer.tokens[self.bounds[b]].to(scorer.device)
         layers = p.adapter.layers(model)
-        for b, ids in enumerate(self._batches()):
-            recorder = _LayerInputRecorder(layers)
-            try:
-                p.adapter.decoder(model)(input_ids=ids, use_cache=False)
-                self.layers_run += len(layers)
-            finally:
-                recorder.remove()
-            for k, (plan, key) in enumerate(zip(plans, keys, strict=True)):
-                start, hidden, reusable = first_layers[k], recorder.inputs[first_layers[k]], {}
-                if saved.get(key) is not None:
-                    old_plan, old_states = saved[key]
-                    valid_until = first_difference(plan, old_plan)
-                    reusable = {m: h for m, h in old_states[b].items() if m <= valid_until}
-                    if reusable and max(reusable) > start:
-                        start = max(reusable)
-                        hidden = reusable[start]
-                with p.trial(plan):
-                    nll, kept = self._run_tail(recorder, hidden, start, ids, keep)
-                nlls[k].append(nll)
-                if key is not None:
-                    fresh[key][1].append({**{m: h for m, h in reusable.items() if m <= start}, **kept})
-                if on_batch:
-                    on_batch(1)
-            del recorder
-        self._saved = fresh  # candidates that are gone (chosen, or of another stage) free their memory
-        return [perplexity_from_nll(torch.cat(chunks)) for chunks in nlls]
+        recorder = _LayerInputRecorder(layers)
+        try:
+            p.adapter.decoder(model)(input_ids=ids, use_cache=False)
+            scorer.layers_run += len(layers)
+        finally:
+            recorder.remove()
+        for k in sorted(members):
+            plan, key = self.plans[k], self.keys[k]
+            start, hidden, reusable = self.first_layers[k], recorder.inputs[self.first_layers[k]], {}
+            if self.saved.get(key) is not None:
+                old_plan, old_states = self.saved[key]
+                valid_until = first_difference(plan, old_plan)
+                reusable = {m: h for m, h in old_states.get(b, {}).items() if m <= valid_until}
+                if reusable and max(reusable) > start:
+                    start = max(reusable)
+                    hidden = reusable[start]
+            with p.trial(plan):
+                nll, kept = scorer._run_tail(recorder, hidden, start, ids, self.keep)
+            self.nll[k][b] = nll
+            crash_point("candidate_scored")
+            if key is not None:
+                self.fresh[key][1][b] = {**{m: h for m, h in reusable.items() if m <= start}, **kept}
+            if self.on_batch:
+                self.on_batch(1)
+
+    def sequence_nll(self, k: int) -> torch.Tensor:
+        return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])
+
+    def sequences_scored(self, k: int) -> int:
+        return sum(t.numel() for t in self.nll[k].values())
+
+    def partial_sum(self, k: int) -> float:
+        # float64, in batch order: the same sum whichever rule reads it, so comparisons are consistent
+        return sum(self.nll[k][b].double().sum().item() for b in sorted(self.nll[k]))
+
+    def partial_ppl(self, k: int) -> float:
+        n = self.sequences_scored(k)
+        return math.exp(self.partial_sum(k) / n) if n else math.inf
 
 
 @torch.inference_mode()
