@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 import socket
 import time
 from pathlib import Path
@@ -18,10 +17,8 @@ from multipruner.data import (
     ALPACA_PROMPT_NO_INPUT,
     DataSourceError,
     alpaca_split,
-    build_calibration_sets,
     eval_token_stream,
     load_texts,
-    sample_and_tokenize,
     shared_data_dir,
 )
 
@@ -226,59 +223,6 @@ def test_unknown_split():
         load_texts("wikitext2", split="bogus")
 
 
-# --- sampling and tokenization ---------------------------------------------------------------------------
-
-
-def test_sample_and_tokenize_reference_recipe(tokenizer):
-    texts = [f"sample number {i} is about the quick brown fox" for i in range(20)]
-    rng = random.Random(7)
-    out = sample_and_tokenize(texts, tokenizer, num_samples=6, seqlen=8, rng=rng)
-    picked = random.Random(7).sample(range(20), 6)
-    ids = tokenizer("\n\n".join(texts[i] for i in picked), return_tensors="pt")["input_ids"][0]
-    n = ids.numel() // 8
-    assert out.dtype == torch.long and out.shape == (n, 8)
-    assert torch.equal(out.flatten(), ids[: n * 8])
-    assert out[0, 0].item() == _bos(tokenizer)  # tokenized once with the default special tokens
-    everything = sample_and_tokenize(texts, tokenizer, num_samples=None, seqlen=8)
-    all_ids = tokenizer("\n\n".join(texts))["input_ids"]
-    assert everything.flatten().tolist() == all_ids[: everything.numel()]
-
-
-def test_sample_and_tokenize_errors(tokenizer):
-    with pytest.raises(DataSourceError, match="cannot sample 3 texts: the source has 2"):
-        sample_and_tokenize(["a b", "c d"], tokenizer, num_samples=3, seqlen=4)
-    with pytest.raises(DataSourceError, match=r"has \d+ tokens but 2000 are needed.*smaller --seqlen"):
-        sample_and_tokenize(["short text"], tokenizer, num_samples=1, seqlen=1000, min_sequences=2)
-
-
-def test_build_calibration_sets_width_then_block(tmp_path, tokenizer):
-    docs = [f"document {i}: the lazy dog sleeps while fox {i} jumps" for i in range(30)]
-    path = _write(tmp_path / "calib.txt", "\n\n".join(docs))
-    sets = build_calibration_sets(
-        str(path), tokenizer, num_samples_block=10, num_samples_width=5, seqlen=16, seed=3
-    )
-    rng = random.Random(3)
-    width = sample_and_tokenize(docs, tokenizer, num_samples=5, seqlen=16, rng=rng)
-    block = sample_and_tokenize(docs, tokenizer, num_samples=10, seqlen=16, rng=rng)
-    assert set(sets) == {"block", "width"}
-    assert torch.equal(sets["width"], width) and torch.equal(sets["block"], block)
-    swapped = random.Random(3)
-    block_first = sample_and_tokenize(docs, tokenizer, num_samples=10, seqlen=16, rng=swapped)
-    assert not torch.equal(sets["block"], block_first)
-
-
-def test_build_calibration_sets_alpaca_uses_test_part(tmp_path, tokenizer):
-    records = _alpaca_records(50)
-    path = _write(tmp_path / "alpaca_data.json", json.dumps(records))
-    sets = build_calibration_sets(str(path), tokenizer, num_samples_block=4, num_samples_width=2, seqlen=8)
-    test_texts = load_texts(str(path), split="test")
-    rng = random.Random(42)
-    width = sample_and_tokenize(test_texts, tokenizer, num_samples=2, seqlen=8, rng=rng)
-    assert torch.equal(sets["width"], width)
-    with pytest.raises(DataSourceError, match="the source has 5"):
-        build_calibration_sets(str(path), tokenizer, num_samples_block=6, num_samples_width=1, seqlen=8)
-
-
 # --- shared offline data ---------------------------------------------------------------------------------
 
 
@@ -317,17 +261,6 @@ def test_ptb_and_piqa_shared(shared, tokenizer):
     assert len(piqa) == 3084
     assert piqa[0] == "how do you puncture a vein?\nhit it at the wrong angle and make it bleed."
     assert len(load_texts("piqa", split="validation")) == 1838
-
-
-def test_default_calibration_is_piqa_tests(shared, tokenizer, caplog):
-    caplog.set_level("INFO", logger="multipruner.data")
-    sets = build_calibration_sets("default", tokenizer, num_samples_block=8, num_samples_width=4, seqlen=32)
-    assert "tests.jsonl" in caplog.text
-    texts = load_texts(str(shared / "piqa" / "tests.jsonl"))
-    rng = random.Random(42)
-    width = sample_and_tokenize(texts, tokenizer, num_samples=4, seqlen=32, rng=rng)
-    block = sample_and_tokenize(texts, tokenizer, num_samples=8, seqlen=32, rng=rng)
-    assert torch.equal(sets["width"], width) and torch.equal(sets["block"], block)
 
 
 def test_eval_txt_is_verbatim(tmp_path, tokenizer):

@@ -14,12 +14,13 @@ import gzip
 import json
 import logging
 import os
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .errors import UsageError
 
 if TYPE_CHECKING:
     import datasets
@@ -42,6 +43,7 @@ DOC_SEPARATOR = "\n\n"
 
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 _TRUTHY = frozenset({"1", "on", "yes", "true"})
+DATA_DIR_ENV = "MULTIPRUNER_DATA_DIR"
 
 _HUB_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 _HUB_PTB = ("ptb_text_only", "penn_treebank")
@@ -53,22 +55,11 @@ _C4_SHARDS = {
 }
 _LOCAL_FILE_SPLIT = {"test": "test", "validation": "valid"}
 
-# Calibration split per named source. Fixed (not "train when online") so that a run is reproducible whether
-# or not the hub is reachable: WikiText-2/PTB train splits are not in the offline data, so their validation
-# split is used (disjoint from the test split that perplexity is reported on). Alpaca uses the reference's
-# 10% "test" part; c4 uses the reference's first train shard (hub only); PIQA uses its unlabeled test file.
-_CALIBRATION_SPLITS = {
-    "alpaca": "test",
-    "wikitext2": "validation",
-    "ptb": "validation",
-    "c4": "train",
-    "piqa": "test",
-}
 # Evaluation split per named source (perplexity is reported on these in the papers).
 _EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UsageError):
     """A text source could not be read; the message names what was tried and how to fix it."""
 
 
@@ -84,7 +75,7 @@ def shared_data_dir() -> Path | None:
     ``$MULTIPRUNER_DATA_DIR``. Without the variable the first existing of ``./shared/data``,
     ``../shared/data`` (relative to the working directory) and ``<repo root>/../shared/data`` is used.
     """
-    override = os.environ.get("MULTIPRUNER_DATA_DIR", "").strip()
+    override = os.environ.get(DATA_DIR_ENV, "").strip()
     if override:
         path = Path(override).expanduser()
         if path.is_dir():
@@ -92,15 +83,24 @@ def shared_data_dir() -> Path | None:
         # An explicit override that does not exist must not silently fall back to another folder.
         logger.warning("MULTIPRUNER_DATA_DIR=%s is not a directory; no offline data is used", override)
         return None
-    repo_root = Path(__file__).resolve().parents[2]
-    candidates = (Path("shared/data"), Path("../shared/data"), repo_root.parent / "shared" / "data")
-    for candidate in candidates:
+    for candidate in _data_dir_candidates():
         if candidate.is_dir():
             return candidate.resolve()
     return None
 
 
-def _shared_file(*parts: str) -> Path | None:
+def _data_dir_candidates() -> tuple[Path, ...]:
+    repo_root = Path(__file__).resolve().parents[2]
+    return (Path("shared/data"), Path("../shared/data"), repo_root.parent / "shared" / "data")
+
+
+def expected_data_dir() -> Path:
+    """Where the offline data would be looked for last (for messages when there is none)."""
+    override = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(override).expanduser() if override else _data_dir_candidates()[-1]
+
+
+def shared_file(*parts: str) -> Path | None:
     """Path of a file inside the shared data folder, or ``None`` if the folder or file is missing."""
     root = shared_data_dir()
     if root is None:
@@ -294,7 +294,7 @@ def _read_path(source: str, split: str, text_field: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _env_offline() -> str | None:
+def offline_variable() -> str | None:
     """Name of the environment variable that declares the machine offline, if any."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUTHY:
@@ -324,7 +324,7 @@ def _load_hub_dataset(
     When the offline variable was set after ``datasets`` was imported, the libraries would still try the
     network (with retries for tens of seconds), so we fail immediately instead.
     """
-    offline_var = _env_offline()
+    offline_var = offline_variable()
     label = path if name is None else f"{path}/{name}"
     if offline_var and not _libraries_offline():
         raise _hub_error(label, f"the machine is offline ({offline_var}=1) and it is not cached", hint)
@@ -382,7 +382,7 @@ def _alpaca_source(split: str, text_field: str | None) -> list[str]:
 def _wikitext2_source(split: str, text_field: str | None) -> list[str]:
     _check_split("wikitext2", split, ("train", "test", "validation"))
     local_split = _LOCAL_FILE_SPLIT.get(split)
-    local = _shared_file("wikitext2", f"wiki.{local_split}.raw") if local_split else None
+    local = shared_file("wikitext2", f"wiki.{local_split}.raw") if local_split else None
     if local is not None:
         return _wikitext_rows(_read_text_file(local))
     hint = "Pass a local path to wiki.test.raw / wiki.valid.raw, or set MULTIPRUNER_DATA_DIR."
@@ -393,7 +393,7 @@ def _wikitext2_source(split: str, text_field: str | None) -> list[str]:
 def _ptb_source(split: str, text_field: str | None) -> list[str]:
     _check_split("ptb", split, ("train", "test", "validation"))
     local_split = _LOCAL_FILE_SPLIT.get(split)
-    local = _shared_file("ptb", f"ptb.{local_split}.txt") if local_split else None
+    local = shared_file("ptb", f"ptb.{local_split}.txt") if local_split else None
     if local is not None:
         return _read_line_rows(local)
     hint = "Set MULTIPRUNER_DATA_DIR to a folder holding ptb/ptb.test.txt and ptb/ptb.valid.txt."
@@ -413,7 +413,7 @@ def _piqa_source(split: str, text_field: str | None) -> list[str]:
     del text_field
     _check_split("piqa", split, ("test", "validation"))
     filename = "tests.jsonl" if split == "test" else "valid.jsonl"
-    local = _shared_file("piqa", filename)
+    local = shared_file("piqa", filename)
     if local is None:
         raise DataSourceError(
             f"PIQA needs the offline file piqa/{filename}, but no shared data folder holds it "
@@ -449,89 +449,10 @@ def load_texts(source: str, *, split: str = "test", text_field: str | None = Non
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _tokenize(text: str, tokenizer: Any) -> torch.LongTensor:
+def tokenize(text: str, tokenizer: Any) -> torch.LongTensor:
     """Tokenize one string once (default special tokens), returning 1-D ids."""
     encoded = tokenizer(text, return_tensors="pt")
     return encoded["input_ids"][0].to(torch.long)
-
-
-def sample_and_tokenize(
-    texts: list[str],
-    tokenizer: Any,
-    *,
-    num_samples: int | None,
-    seqlen: int,
-    rng: random.Random | None = None,
-    min_sequences: int = 1,
-) -> torch.LongTensor:
-    """Sample texts, join them with ``"\\n\\n"``, tokenize once and cut into ``[n_rows, seqlen]``.
-
-    This is the reference calibration recipe; tokenizing the joined string once (rather than per text) keeps
-    document boundaries as the model sees them in running text. ``rng`` defaults to ``Random(42)`` (the
-    reference seed) so that omitting it is still deterministic; ``num_samples=None`` uses all texts in order.
-    """
-    if seqlen < 1:
-        raise DataSourceError(f"seqlen must be at least 1, got {seqlen}")
-    if not texts:
-        raise DataSourceError("no texts to sample calibration data from")
-    if num_samples is not None:
-        if num_samples < 1 or num_samples > len(texts):
-            raise DataSourceError(
-                f"cannot sample {num_samples} texts: the source has {len(texts)}; "
-                f"use a number between 1 and {len(texts)}"
-            )
-        rng = rng if rng is not None else random.Random(42)
-        texts = [texts[i] for i in rng.sample(range(len(texts)), num_samples)]
-    ids = _tokenize(DOC_SEPARATOR.join(texts), tokenizer)
-    n_rows = ids.numel() // seqlen
-    if n_rows < min_sequences:
-        raise DataSourceError(
-            f"calibration text has {ids.numel()} tokens but {seqlen * min_sequences} are needed "
-            f"({min_sequences} sequence(s) of {seqlen}); use more samples or a smaller --seqlen"
-        )
-    return ids[: n_rows * seqlen].reshape(n_rows, seqlen).contiguous()
-
-
-def _calibration_source(source: str) -> tuple[str, str]:
-    """Resolve ``default`` and pick the calibration split of a source (see ``_CALIBRATION_SPLITS``)."""
-    key = source.strip().lower()
-    if key == "default":
-        piqa = _shared_file("piqa", "tests.jsonl")
-        if piqa is not None:
-            logger.info("calibration data: default -> unlabeled PIQA test file %s", piqa)
-            return str(piqa), "test"
-        logger.info("calibration data: default -> alpaca (no offline PIQA file found)")
-        return "alpaca", "test"
-    # Local files: the whole file, except an alpaca_data.json, which uses the reference's test part.
-    return source, _CALIBRATION_SPLITS.get(key, "test")
-
-
-def build_calibration_sets(
-    source: str,
-    tokenizer: Any,
-    *,
-    num_samples_block: int,
-    num_samples_width: int,
-    seqlen: int,
-    seed: int = 42,
-    text_field: str | None = None,
-) -> dict[str, torch.LongTensor]:
-    """Build the block-pruning and width-pruning calibration sets from one source.
-
-    One ``Random(seed)`` draws the WIDTH set first and then the BLOCK set, the reference's order, so the
-    same seed selects the same examples as the reference. Empty rows (WikiText blank lines) are dropped
-    before sampling, as the reference filters ``len(text) > 0``. Calibration splits: Alpaca -> the reference's
-    10% ``test`` part; WikiText-2 and PTB -> ``validation`` (their train splits are not available offline,
-    and validation is disjoint from the reported test split); c4 -> the first train shard; PIQA and
-    ``default`` -> the unlabeled PIQA test file; local files -> the whole file. ``default`` never falls back to
-    an evaluation text.
-    """
-    name, split = _calibration_source(source)
-    texts = [t for t in load_texts(name, split=split, text_field=text_field) if t]
-    rng = random.Random(seed)
-    width = sample_and_tokenize(texts, tokenizer, num_samples=num_samples_width, seqlen=seqlen, rng=rng)
-    block = sample_and_tokenize(texts, tokenizer, num_samples=num_samples_block, seqlen=seqlen, rng=rng)
-    return {"block": block, "width": width}
 
 
 def eval_token_stream(source: str, tokenizer: Any) -> torch.LongTensor:
@@ -547,4 +468,4 @@ def eval_token_stream(source: str, tokenizer: Any) -> torch.LongTensor:
         text = _read_text_file(Path(source).expanduser())
     else:
         text = DOC_SEPARATOR.join(load_texts(source))
-    return _tokenize(text, tokenizer)
+    return tokenize(text, tokenizer)
