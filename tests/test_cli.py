@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -45,58 +44,76 @@ def prune_args(model_dir, run_dir, calib, *extra):
     ]
 
 
-def test_prune_end_to_end_with_extract(tiny_model_dir, calibration_txt, tmp_path, capsys):
+def _manifest(run):
+    return json.loads((run / "run.json").read_text())
+
+
+def test_prune_end_to_end_with_extract_then_bench_finds_the_dense_model(
+    tiny_model_dir, calibration_txt, tmp_path, capsys
+):
     run = tmp_path / "run"
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--extract")) == 0
     out = capsys.readouterr().out
     assert "pruning ratio" in out and "calibration ppl" in out
-    for name in (
-        "run.json",
-        "calibration.safetensors",
-        "steps.jsonl",
-        "plan.json",
-        "pruning_config.json",
-        "summary.json",
-    ):
+    for name in ("run.json", "calibration.safetensors", "steps.jsonl", "plan.json", "pruning_config.json"):
         assert (run / name).is_file(), name
+    manifest = _manifest(run)
+    assert manifest["format"] == "multipruner-run/2"
+    assert set(manifest["phases"]) == {"search", "extract", "report"}
+    assert manifest["source"] == {"spec": str(tiny_model_dir), "path": str(tiny_model_dir.resolve())}
     steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     assert steps[0]["stage"] == "dense"
     assert {s["stage"] for s in steps[1:]} == {"block", "mlp_width", "attn_width"}
-    assert all(len(s["candidates"]) > 0 and "ppl" in s["choice"] for s in steps[1:])
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["ratio"] >= 30.0
+    assert all(s["plan"]["format"] == "multipruner-plan/1" for s in steps[1:])  # our plan, not the lossy one
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["params"]["ratio"] >= 30.0
     model = AutoModelForCausalLM.from_pretrained(run / "model", trust_remote_code=True)
-    assert sum(p.numel() for p in model.parameters()) == summary["pruned_params"]
-    assert json.loads((run / "pruning_config.json").read_text()) == summary["plan"]
+    assert sum(p.numel() for p in model.parameters()) == plan["params"]["pruned"]
+    assert PruningPlan.from_dict(plan).to_reference() == json.loads((run / "pruning_config.json").read_text())
+    # the bug this pins: bench found the dense model only for `multipruner extract` outputs
+    bench_args = [
+        "bench",
+        "--model",
+        str(run / "model"),
+        "--seqlen",
+        "8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+    ]
+    assert main([*bench_args, "--output", str(run / "bench.json")]) == 0
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["models"]["dense"]["params"] == plan["params"]["dense"]
+    assert bench["models"]["pruned"]["params"] == plan["params"]["pruned"]
 
 
-def test_prune_do_eval_writes_dense_and_pruned_results(tiny_model_dir, calibration_txt, tmp_path, capsys):
+def test_prune_do_eval_writes_typed_results_and_no_fake_report_row(
+    tiny_model_dir, calibration_txt, tmp_path, capsys
+):
+    from multipruner.evaluation.results import EvalResult
+
     run = tmp_path / "run"
-    assert (
-        main(
-            prune_args(
-                tiny_model_dir,
-                run,
-                calibration_txt,
-                "--max-steps",
-                "2",
-                "--do_eval",
-                "--eval-tasks",
-                f"{calibration_txt},piqa",
-                "--eval-limit",
-                "2",
-                "--eval-seqlen",
-                "16",
-            )
-        )
-        == 0
-    )
-    dense, pruned = (json.loads((run / f"eval_{name}.json").read_text()) for name in ("dense", "pruned"))
-    assert dense["pruned_model_params"] == dense["total_params"] == pruned["total_params"]
-    assert pruned["pruned_model_params"] < dense["pruned_model_params"]
-    assert pruned["ratio"] > 0 and dense["ratio"] == 0
-    assert {"ppl_calib", "piqa"} <= set(pruned) and (run / "eval_pruned.csv").is_file()
-    assert "ppl_calib" in capsys.readouterr().out
+    eval_flags = [
+        "--do_eval",
+        "--eval-tasks",
+        f"{calibration_txt},piqa",
+        "--eval-limit",
+        "2",
+        "--eval-seqlen",
+        "16",
+    ]
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "2", *eval_flags)) == 0
+    dense, pruned = (EvalResult.read(run / f"eval_{name}.json") for name in ("dense", "pruned"))
+    assert dense.meta.dense_params is None and dense.meta.ratio == 0
+    assert pruned.meta.dense_params == dense.meta.params > pruned.meta.params and pruned.meta.ratio > 0
+    assert pruned.meta.limit == 2
+    assert set(pruned.tasks) == {"calib", "piqa"} and pruned.tasks["piqa"]["acc"].n == 2
+    assert (run / "eval_pruned.csv").is_file()
+    assert "calib ppl" in capsys.readouterr().out
+    report = (run / "report.md").read_text()
+    # the bug this pins: the flat result's "limit" key became an accuracy row
+    assert "limit" not in report.lower().split("## figures")[0].split("dense vs pruned")[1]
 
 
 def test_existing_run_needs_resume(tiny_model_dir, calibration_txt, tmp_path, capsys):
@@ -105,11 +122,11 @@ def test_existing_run_needs_resume(tiny_model_dir, calibration_txt, tmp_path, ca
     assert main(prune_args(tiny_model_dir, run, calibration_txt)) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume", "--target_ratio", "20")) == 2
-    assert "settings differ" in capsys.readouterr().err
+    assert "settings differ (target_ratio: 30.0 -> 20.0)" in capsys.readouterr().err
 
 
 def _run_cli(args, env):
-    return subprocess.Popen(
+    return subprocess.run(
         [sys.executable, "-m", "multipruner.cli", *args],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -117,30 +134,55 @@ def _run_cli(args, env):
     )
 
 
-def test_sigkill_then_resume_gives_identical_plan(tiny_model_dir, calibration_txt, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+@pytest.mark.parametrize(
+    "point", ["step_logged:3", "step_done:3", "candidate_scored:40", "calibration_built"]
+)
+def test_sigkill_at_a_recorded_point_then_resume_gives_identical_plan(
+    tiny_model_dir, calibration_txt, tmp_path, point
+):
     reference_run, killed_run = tmp_path / "uninterrupted", tmp_path / "killed"
     assert main(prune_args(tiny_model_dir, reference_run, calibration_txt)) == 0
-    steps_file = killed_run / "steps.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MULTIPRUNER_KILL_AT": point}
     proc = _run_cli(prune_args(tiny_model_dir, killed_run, calibration_txt), env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        # kill in the middle of the MLP stage: a dense line + a few finished steps on disk
-        if steps_file.is_file() and len(steps_file.read_text().splitlines()) >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed_run / "summary.json").exists()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert "search" not in _manifest(killed_run).get("phases", {})
     assert main(prune_args(tiny_model_dir, killed_run, calibration_txt, "--resume")) == 0
     ref = json.loads((reference_run / "pruning_config.json").read_text())
     assert json.loads((killed_run / "pruning_config.json").read_text()) == ref
-    ref_steps = [
-        json.loads(x)["choice"] for x in (reference_run / "steps.jsonl").read_text().splitlines()[1:]
+    choices = [
+        [json.loads(x)["choice"] for x in (r / "steps.jsonl").read_text().splitlines()[1:]]
+        for r in (reference_run, killed_run)
     ]
-    got_steps = [json.loads(x)["choice"] for x in steps_file.read_text().splitlines()[1:]]
-    assert got_steps == ref_steps
+    assert choices[0] == choices[1]
+
+
+def test_old_run_directory_resumes_and_reports(tiny_model_dir, calibration_txt, tmp_path, capsys):
+    """A run written before format 2 (flat run.json, reference-format step plans) still resumes and reports."""
+    run = tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "2")) == 0
+    manifest = _manifest(run)
+    flat = {
+        **manifest["settings"]["model"],
+        **manifest["settings"]["calibration"],
+        **manifest["settings"]["search"],
+    }
+    flat.pop("search")
+    (run / "run.json").write_text(json.dumps(flat))
+    lines = (run / "steps.jsonl").read_text().splitlines()
+    old = [lines[0]]
+    for line in lines[1:]:
+        record = json.loads(line)
+        record["plan"] = PruningPlan.from_dict(record["plan"]).to_reference()
+        for key in ("skipped_batches", "total_batches"):
+            record.pop(key)
+        old.append(json.dumps(record))
+    (run / "steps.jsonl").write_text("\n".join(old) + "\n")
+    assert main(["report", str(run)]) == 0
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume")) == 0
+    assert _manifest(run)["format"] == "multipruner-run/2"
+    fresh = tmp_path / "fresh"
+    assert main(prune_args(tiny_model_dir, fresh, calibration_txt)) == 0
+    assert (run / "pruning_config.json").read_text() == (fresh / "pruning_config.json").read_text()
 
 
 def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):

@@ -13,8 +13,8 @@ import pytest
 from conftest import byte_bpe_tokenizer
 
 from multipruner.evaluation import zeroshot as zs
+from multipruner.evaluation.results import PAPER_TASKS, EvalMeta, EvalResult
 from multipruner.evaluation.zeroshot import (
-    PAPER_TASKS,
     SUPPORTED_TASKS,
     TaskDataError,
     build_tasks,
@@ -319,27 +319,24 @@ def test_evaluate_zero_shot_all_tasks(tiny_lm: tuple[Any, Any], overrides: dict[
     out = evaluate_zero_shot(
         model, tokenizer, SUPPORTED_TASKS, limit=limit, batch_size=8, overrides=overrides
     )
-    assert set(out) == {"tasks", "paper_avg", "limit"}
-    assert out["limit"] == limit
-    assert list(out["tasks"]) == list(SUPPORTED_TASKS)
-    for name, res in out["tasks"].items():
-        assert set(res) == {"acc", "acc_norm", "n"}, name
-        assert res["n"] == limit, name
-        assert 0.0 <= res["acc"] <= 1.0, name
+    assert list(out) == list(SUPPORTED_TASKS)
+    for name, metrics in out.items():
         has_norm = name not in ("winogrande", "boolq")  # stock tasks report acc only
-        assert (res["acc_norm"] is not None) == has_norm, name
-        if has_norm:
-            assert 0.0 <= res["acc_norm"] <= 1.0, name
-    expected_avg = sum(
-        out["tasks"][t]["acc_norm"] if out["tasks"][t]["acc_norm"] is not None else out["tasks"][t]["acc"]
-        for t in PAPER_TASKS
-    ) / len(PAPER_TASKS)
-    assert out["paper_avg"] == pytest.approx(expected_avg)
+        assert set(metrics) == ({"acc", "acc_norm"} if has_norm else {"acc"}), name
+        for metric in metrics.values():
+            assert metric.n == limit, name
+            assert 0.0 <= metric.value <= 1.0, name
+            # lm-eval's standard error of a mean of 0/1 outcomes over `limit` examples
+            p = metric.value
+            assert metric.stderr == pytest.approx((p * (1 - p) / (limit - 1)) ** 0.5, abs=1e-9), name
+    result = EvalResult(EvalMeta(params=1), out)
+    expected_avg = sum(result.headline(t)[1].value for t in PAPER_TASKS) / len(PAPER_TASKS)
+    assert result.paper_average() == pytest.approx(expected_avg)
 
 
 @needs_data
 def test_paper_avg_none_without_all_paper_tasks(tiny_lm: tuple[Any, Any]) -> None:
     model, tokenizer = tiny_lm
     out = evaluate_zero_shot(model, tokenizer, "piqa", limit=3, batch_size=4)
-    assert out["paper_avg"] is None
-    assert out["tasks"]["piqa"]["n"] == 3
+    assert EvalResult(EvalMeta(params=1), out).paper_average() is None
+    assert out["piqa"]["acc"].n == 3

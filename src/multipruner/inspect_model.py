@@ -6,6 +6,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP
+from .tables import render_table
 
 
 def describe_layers(model: nn.Module) -> list[dict]:
@@ -31,15 +32,24 @@ def describe_layers(model: nn.Module) -> list[dict]:
 
 def format_layer_table(model: nn.Module) -> str:
     rows = describe_layers(model)
-    lines = [f"{'layer':>5}  {'attention':>9}  {'heads/kv':>8}  {'mlp':>7}  {'mlp width':>9}  {'params':>11}"]
-    for r in rows:
-        heads = f"{r['heads']}/{r['kv_heads']}" if r["attention"] else "-"
-        lines.append(
-            f"{r['layer']:>5}  {'yes' if r['attention'] else 'REMOVED':>9}  {heads:>8}  "
-            f"{'yes' if r['mlp'] else 'REMOVED':>7}  {r.get('mlp_width', '-')!s:>9}  {r['params']:>11,}"
+    header = ("layer", "attention", "heads/kv", "mlp", "mlp width", "params")
+    cells = [
+        (
+            r["layer"],
+            "yes" if r["attention"] else "REMOVED",
+            f"{r['heads']}/{r['kv_heads']}" if r["attention"] else "-",
+            "yes" if r["mlp"] else "REMOVED",
+            r.get("mlp_width", "-"),
+            f"{r['params']:,}",
         )
+        for r in rows
+    ]
     total = sum(p.numel() for p in model.parameters())
     layer_total = sum(r["params"] for r in rows)
-    lines.append(f"layers: {layer_total:,} parameters; embeddings/head/final norm: {total - layer_total:,}")
-    lines.append(f"total: {total:,} parameters ({type(model).__name__}, {model.config.model_type})")
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            render_table(header, cells, align="rrrrrr"),
+            f"layers: {layer_total:,} parameters; embeddings/head/final norm: {total - layer_total:,}",
+            f"total: {total:,} parameters ({type(model).__name__}, {model.config.model_type})",
+        ]
+    )

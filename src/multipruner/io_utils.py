@@ -19,11 +19,28 @@ def _atomic_write(path: Path, data: str | bytes, mode: str) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory: Path, name: str | None = None) -> None:
+    """Delete leftovers of our atomic writes that a killed process left in ``directory`` (of ``name`` only,
+    if given). Call only where no other live process can be writing (e.g. under the run's lock)."""
+    prefix = f".{name}." if name else "."
+    for path in Path(directory).glob(f"{prefix}*"):
+        if path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and (".partial-" in path.name or ".old-" in path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,7 +71,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"output directory {target} already exists (pass overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
     try:
         yield tmp
         if target.exists():

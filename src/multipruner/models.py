@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from .errors import UsageError
+from .settings import setting
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR = Path.home() / ".cache" / "multipruner"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """A model that cannot be found or read; the message says what to do."""
 
 
@@ -75,6 +78,63 @@ EMBEDDED = {
 }
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; anything else must exist on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"--device {name}: this machine has no CUDA GPU (torch sees none); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ModelLoadError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that have it, fp32 elsewhere (bf16 is slower than fp32 on most CPUs)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return _dtype(name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model, in which precision, where."""
+
+    model: str = setting(
+        DEFAULT_MODEL,
+        help="embedded short name (smollm2-135m, gemma3-270m), a .gguf file, a Hugging Face directory or hub id",
+        aliases=("--model_path",),
+    )
+    dtype: str = setting(
+        "float32", help="weights' precision (auto: bf16 on GPUs that have it, else fp32)", choices=DTYPES
+    )
+    device: str = setting(
+        "auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N", affects_result=False
+    )
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.torch_device())
+
+    def load(self):
+        return load_model(self.model, dtype=self.torch_dtype(), device=self.torch_device())
+
+
 def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -99,6 +159,17 @@ def is_pruned_dir(path: Path) -> bool:
         return "pruned_structure" in json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config} is not valid JSON: {err}") from err
+
+
+def describe_source(spec: str) -> dict:
+    """``{"spec", "path"}``: what the user gave and the local file or directory it names (None: a hub id)."""
+    if spec in EMBEDDED:
+        path = EMBEDDED[spec].gguf_path()
+    elif Path(spec).exists():
+        path = Path(spec)
+    else:
+        return {"spec": spec, "path": None}
+    return {"spec": spec, "path": str(path.resolve())}
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):

@@ -1,188 +1,385 @@
-"""The `prune` job end to end: check inputs, calibrate, search (resumable), extract, evaluate."""
+"""``multipruner prune`` as a sequence of phases over one run directory:
+
+    search -> (compensate) -> extract -> (recover) -> evaluate -> report
+
+Each phase has its settings, writes its output into the run directory and is marked done in run.json;
+with ``--resume`` a done phase is skipped and an unfinished search continues from its last step. All
+settings are checked before anything heavy runs or anything is written.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from .data import build_calibration_sets
+from .calibration import CalibrationSettings
+from .errors import UsageError
+from .evaluation.runner import EvalSettings
 from .export import extract, prepare_dense, save_pruned
-from .io_utils import atomic_write_text
-from .layout import ModelLayout
-from .models import load_model
-from .run_dir import RunDirectory
+from .faults import crash_point
+from .layout import ModelLayout, layout_of
+from .models import ModelSettings, describe_source
+from .plan import PruningPlan
+from .run_dir import DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
 from .scoring import CalibrationScorer, LossSettings
-from .search import SearchConfigError, SearchSettings, run_search
+from .search import SearchConfigError, SearchSettings, StepRecord, run_search
+from .settings import differences, setting, to_dict
+from .shortgpt import run_shortgpt
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PruneJob:
-    model: str = "smollm2-135m"
-    output_path: str = "runs/smollm2-135m"
-    target_ratio: float = 10.0
-    distribution: tuple[float, float, float] = (44.0, 52.0, 4.0)
-    mlp_group_size: int | None = None  # None: about 1/12 of the MLP width
-    attention_group_size: int | None = None  # None: one KV group of heads
-    weight_reorder: bool = True
-    calibration_dataset: str = "default"
-    num_calibration_samples_block: int = 64
-    num_calibration_samples_width: int = 32
-    seqlen: int = 512
-    dtype: str = "float32"
-    device: str = "cpu"
-    batch_size: int = 2
-    seed: int = 42
-    max_steps: int | None = None
-    resume: bool = False
-    extract: bool = False
-    do_eval: bool = False
-    eval_tasks: list[str] = field(
-        default_factory=lambda: ["wikitext2", "piqa", "arc_easy", "boolq", "hellaswag"]
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the run goes and which optional phases run; none of it changes the plan."""
+
+    output_path: str | None = setting(
+        None,
+        help="run directory (default runs/<model>)",
+        aliases=("--output_path", "--output"),
+        affects_result=False,
     )
-    eval_limit: int | None = 200
-    eval_seqlen: int = 2048
+    resume: bool = setting(
+        False,
+        help="continue the run in the output directory: finished phases are skipped",
+        affects_result=False,
+    )
+    extract: bool = setting(False, help="save the pruned model to <run>/model", affects_result=False)
+    do_eval: bool = setting(
+        False,
+        help="evaluate the dense and the pruned model at the end",
+        aliases=("--do_eval",),
+        affects_result=False,
+    )
+    report: bool = setting(True, help="write report.md and its figures at the end", affects_result=False)
+
+
+# settings groups stored in run.json; those that change the plan are checked on --resume
+RESULT_GROUPS = {"model": ModelSettings, "calibration": CalibrationSettings, "search": SearchSettings}
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    run: RunOptions = field(default_factory=RunOptions)
     progress: bool = True
 
+    def output_dir(self) -> Path:
+        return Path(self.run.output_path or Path("runs") / Path(self.model.model).name.removesuffix(".gguf"))
 
-def default_mlp_group_size(width: int) -> int:
-    """The divisor of ``width`` nearest to width/12 (the authors use ~1/11-1/14 of the MLP width)."""
-    divisors = [d for d in range(1, width + 1) if width % d == 0]
-    return min(divisors, key=lambda d: (abs(d - width / 12), -d))
+    def validate(self) -> None:
+        """Everything that can be checked without the model or data."""
+        self.calibration.validate()
+        self.search.validate_ratio()
+        self.model.torch_device()  # an unknown device or a missing GPU fails now
+        if self.run.do_eval:
+            self.evaluation.validate()
 
 
-def resolve_settings(job: PruneJob, layout: ModelLayout) -> SearchSettings:
-    settings = SearchSettings(
-        target_ratio=job.target_ratio,
-        distribution=tuple(job.distribution),
-        mlp_group_size=job.mlp_group_size or default_mlp_group_size(layout.mlp_width),
-        attention_group_size=job.attention_group_size or layout.heads.unit_channels,
-        weight_reorder=job.weight_reorder,
-        max_steps=job.max_steps,
-    )
-    settings.validate(layout)
-    return settings
+class RunContext:
+    """What the phases share: the job, the run directory, and the dense model once loaded."""
+
+    def __init__(self, job: PruneJob, run: RunDirectory):
+        self.job, self.run = job, run
+        self.model = self.tokenizer = self.prunable = None
+        self.layout: ModelLayout | None = None
+        self.search: SearchSettings | None = None
+        self.plan: PruningPlan | None = None
+        self.pruned = None
+        self.calibration: dict[str, torch.Tensor] | None = None
+
+    def load(self) -> None:
+        """Load the dense model, check the model-dependent settings and reorder it (once)."""
+        if self.model is not None:
+            return
+        self.model, self.tokenizer = self.job.model.load()
+        self.layout = layout_of(self.model)
+        self.search = self.job.search.resolved(self.layout)
+        check_seqlen(self.model, self.job.calibration.seqlen)
+        self.prunable = prepare_dense(self.model, self.search.weight_reorder)
+
+    def source(self) -> ModelSource:
+        return ModelSource(**describe_source(self.job.model.model))
+
+    def current_plan(self) -> PruningPlan:
+        if self.plan is None:
+            stored = self.run.plan()
+            if stored is None:
+                raise RunDirError(f"{self.run.path} has no plan.json: the search has not finished")
+            self.plan = stored[0]
+        return self.plan
 
 
 def check_seqlen(model, seqlen: int) -> None:
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if seqlen < 2:
-        raise SearchConfigError(f"--seqlen must be at least 2, got {seqlen}")
     if limit and seqlen > limit:
         raise SearchConfigError(f"--seqlen {seqlen} is longer than the model's context ({limit} tokens)")
 
 
-def run_settings(job: PruneJob, settings: SearchSettings) -> dict:
-    data = asdict(job)
-    data.update(
-        mlp_group_size=settings.mlp_group_size,
-        attention_group_size=settings.attention_group_size,
-        distribution=list(settings.distribution),
-    )
-    return data
+# --- phases --------------------------------------------------------------------------------------
+def plan_fingerprint(plan: PruningPlan) -> str:
+    """Identifies a plan's structure, so a phase done for another plan (a search resumed since) reruns."""
+    data = {k: v for k, v in plan.to_dict().items() if k != "meta"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prune(job: PruneJob) -> dict:
-    """Run the job; returns a summary (also printed by the CLI)."""
-    started = time.perf_counter()
-    from .layout import layout_of
+class Phase:
+    name = ""
 
-    if not 0 < job.target_ratio < 100:  # checked again with the model; this one costs nothing
-        raise SearchConfigError(f"target ratio must be in (0, 100) percent, got {job.target_ratio}")
+    def wanted(self, job: PruneJob) -> bool:
+        return True
 
-    model, tokenizer = load_model(job.model, dtype=job.dtype, device=job.device)
-    layout = layout_of(model)
-    settings = resolve_settings(job, layout)  # fails before any heavy work
-    check_seqlen(model, job.seqlen)
-    run = RunDirectory(job.output_path)
-    calibration = run.load_calibration() if job.resume else None
-    fresh_calibration = calibration is None
-    if fresh_calibration:  # built before anything is written, so bad data leaves no half-started run
-        calibration = build_calibration_sets(
-            job.calibration_dataset,
-            tokenizer,
-            num_samples_block=job.num_calibration_samples_block,
-            num_samples_width=job.num_calibration_samples_width,
-            seqlen=job.seqlen,
-            seed=job.seed,
+    def done(self, ctx: RunContext) -> bool:
+        """Recorded in run.json for the current plan."""
+        facts = ctx.run.manifest().phases.get(self.name)
+        return facts is not None and facts.get("plan") == plan_fingerprint(ctx.current_plan())
+
+    def run(self, ctx: RunContext) -> dict:
+        raise NotImplementedError
+
+
+class SearchPhase(Phase):
+    name = "search"
+
+    def run(self, ctx: RunContext) -> dict:
+        ctx.load()
+        job, run = ctx.job, ctx.run
+        calibration = run.load_calibration()
+        if calibration is None:
+            calibration = (
+                ctx.calibration if ctx.calibration is not None else job.calibration.build(ctx.tokenizer)
+            )
+            crash_point("calibration_built")
+            run.save_calibration(calibration)
+        log.info(
+            "calibration: block set %s, width set %s (sequences x tokens)",
+            tuple(calibration["block"].shape),
+            tuple(calibration["width"].shape),
         )
-    done = run.start(run_settings(job, settings), resume=job.resume)
-    if fresh_calibration:
-        run.save_calibration(calibration)
-    log.info(
-        "calibration: block %s tokens, width %s tokens",
-        tuple(calibration["block"].shape),
-        tuple(calibration["width"].shape),
-    )
+        random.seed(job.calibration.seed)
+        torch.manual_seed(job.calibration.seed)
+        device = job.model.torch_device()
+        loss = LossSettings(ignore_index=ctx.tokenizer.eos_token_id, batch_size=job.calibration.batch_size)
+        scorers = {k: CalibrationScorer(ctx.prunable, v, loss, device) for k, v in calibration.items()}
+        dense = run.dense_record()
+        if dense is None:
+            started = time.perf_counter()
+            dense = DenseRecord(
+                ppl=scorers["block"].perplexity(),
+                ppl_width=scorers["width"].perplexity(),
+                params=ctx.layout.dense_params(),
+            )
+            run.append_record(replace(dense, elapsed_s=time.perf_counter() - started).to_dict())
+        log.info("dense calibration perplexity: block set %.3f, width set %.3f", dense.ppl, dense.ppl_width)
 
-    random.seed(job.seed)
-    torch.manual_seed(job.seed)
-    prunable = prepare_dense(model, settings.weight_reorder)
-    loss = LossSettings(ignore_index=tokenizer.eos_token_id, batch_size=job.batch_size)
-    scorers = {k: CalibrationScorer(prunable, v, loss, job.device) for k, v in calibration.items()}
-    dense = run.dense_record()
-    if dense is None:
-        dense = {
-            "step": -1,
-            "stage": "dense",
-            "ppl": scorers["block"].perplexity(),
-            "ppl_width": scorers["width"].perplexity(),
-            "ratio": 0.0,
-            "params": layout.dense_params(),
+        def on_step(record: StepRecord, plan: PruningPlan) -> None:
+            run.append_record(record.to_dict())
+            crash_point("step_logged")
+            run.save_plan(plan, ctx.layout)
+            crash_point("step_done")
+
+        done = [StepRecord.from_dict(r) for r in run.step_records()]  # resumes after the last one
+        if ctx.search.method == "shortgpt":
+            plan = run_shortgpt(
+                ctx.prunable,
+                scorers["block"].perplexity,
+                calibration["block"],
+                ctx.search,
+                batch_size=job.calibration.batch_size,
+                done_steps=len(done),
+                on_step=on_step,
+            )
+        else:
+            plan = run_search(
+                ctx.prunable, scorers, ctx.search, done_steps=done, on_step=on_step, progress=job.progress
+            )
+        plan = replace(plan, meta={**plan.meta, "source": ctx.source().to_dict()})
+        run.save_plan(plan, ctx.layout)
+        ctx.plan = plan
+        stopped_early = ctx.search.max_steps is not None and len(run.step_records()) >= ctx.search.max_steps
+        ctx.prunable.apply(plan)
+        facts = {
+            "final_ppl": {k: s.perplexity() for k, s in scorers.items()},
+            "steps": len(run.step_records()),
         }
-        run.append_step(dense)
-    log.info("dense calibration perplexity: block set %.3f, width set %.3f", dense["ppl"], dense["ppl_width"])
+        ctx.prunable.restore()
+        if stopped_early and plan.ratio(ctx.layout) < ctx.search.target_ratio:
+            facts["stopped_at_max_steps"] = True
+        return facts
 
-    def on_step(record, plan):
-        run.append_step(record.to_dict())
-        run.save_plan(plan, layout)
+    def done(self, ctx: RunContext) -> bool:
+        phase = ctx.run.manifest().phases.get(self.name)
+        return phase is not None and not phase.get("stopped_at_max_steps")
 
-    plan = run_search(prunable, scorers, settings, done_steps=done, on_step=on_step, progress=job.progress)
-    run.save_plan(plan, layout)
-    prunable.apply(plan)
-    summary = {
-        "model": job.model,
-        "output_path": str(run.path),
-        "dense_params": layout.dense_params(),
-        "pruned_params": plan.num_params(layout),
-        "ratio": plan.ratio(layout),
-        "dense_ppl_block": dense["ppl"],
-        "pruned_ppl_block": scorers["block"].perplexity(),
-        "dense_ppl_width": dense["ppl_width"],
-        "pruned_ppl_width": scorers["width"].perplexity(),
-        "plan": plan.to_reference(),
-        "wall_s": time.perf_counter() - started,
-    }
-    if job.extract or job.do_eval:
-        pruned = extract(prunable, plan)
-        if job.extract:
-            save_pruned(pruned, tokenizer, run.path / "model", plan, layout, overwrite=True)
-            summary["model_dir"] = str(run.path / "model")
-        if job.do_eval:
-            from .evaluation.runner import evaluate, write_results
 
-            prunable.restore()
-            summary["eval"] = {}
-            for name, candidate in (("dense", model), ("pruned", pruned)):
-                result = evaluate(
-                    candidate,
-                    tokenizer,
-                    job.eval_tasks,
-                    limit=job.eval_limit,
-                    seqlen=job.eval_seqlen,
-                    dense_params=layout.dense_params(),
-                    progress=job.progress,
-                )
-                write_results(result, run.path / f"eval_{name}.json")
-                summary["eval"][name] = result
-    summary["wall_s"] = time.perf_counter() - started
-    atomic_write_text(
-        run.path / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2)
-    )
-    return summary
+class CompensatePhase(Phase):
+    """Closed-form weight compensation (issue: win back quality); not implemented yet."""
+
+    name = "compensate"
+
+    def wanted(self, job: PruneJob) -> bool:
+        return False
+
+
+class ExtractPhase(Phase):
+    name = "extract"
+
+    def wanted(self, job: PruneJob) -> bool:
+        return job.run.extract
+
+    def done(self, ctx: RunContext) -> bool:
+        return super().done(ctx) and ctx.run.model_dir.is_dir()
+
+    def run(self, ctx: RunContext) -> dict:
+        ctx.load()
+        ctx.pruned = extract(ctx.prunable, ctx.current_plan())
+        save_pruned(ctx.pruned, ctx.tokenizer, ctx.run.model_dir, ctx.plan, ctx.layout, overwrite=True)
+        return {"path": str(ctx.run.model_dir), "plan": plan_fingerprint(ctx.plan)}
+
+
+class RecoverPhase(Phase):
+    """LoRA recovery fine-tuning (issue: win back quality); not implemented yet."""
+
+    name = "recover"
+
+    def wanted(self, job: PruneJob) -> bool:
+        return False
+
+
+class EvaluatePhase(Phase):
+    name = "evaluate"
+
+    def wanted(self, job: PruneJob) -> bool:
+        return job.run.do_eval
+
+    def done(self, ctx: RunContext) -> bool:
+        phase = ctx.run.manifest().phases.get(self.name, {})
+        same = super().done(ctx) and phase.get("settings") == to_dict(ctx.job.evaluation)
+        return same and all(ctx.run.eval_file(w).is_file() for w in ("dense", "pruned"))
+
+    def run(self, ctx: RunContext) -> dict:
+        from .evaluation.runner import evaluate
+
+        ctx.load()
+        plan = ctx.current_plan()
+        if ctx.pruned is None:
+            ctx.pruned = extract(ctx.prunable, plan)
+        ctx.prunable.restore()
+        dense_params = ctx.layout.dense_params()
+        for which, model in (("dense", ctx.model), ("pruned", ctx.pruned)):
+            result = evaluate(
+                model,
+                ctx.tokenizer,
+                ctx.job.evaluation,
+                name=f"{ctx.job.model.model} ({which})",
+                dense_params=dense_params,
+                progress=ctx.job.progress,
+            )
+            result.write(ctx.run.eval_file(which))
+        return {"settings": to_dict(ctx.job.evaluation), "plan": plan_fingerprint(plan)}
+
+
+class ReportPhase(Phase):
+    name = "report"
+
+    def wanted(self, job: PruneJob) -> bool:
+        return job.run.report
+
+    def done(self, ctx: RunContext) -> bool:
+        return False  # cheap, and it should show what the other phases just wrote
+
+    def run(self, ctx: RunContext) -> dict:
+        from .report import write_report
+
+        return {"path": str(write_report(ctx.run.path))}
+
+
+PHASES: tuple[Phase, ...] = (
+    SearchPhase(),
+    CompensatePhase(),
+    ExtractPhase(),
+    RecoverPhase(),
+    EvaluatePhase(),
+    ReportPhase(),
+)
+
+
+# --- the job ----------------------------------------------------------------------------------------
+def start_or_resume(job: PruneJob, run: RunDirectory) -> None:
+    """Write run.json for a new run, or check a resumed run's settings against the stored ones."""
+    if not run.exists():
+        if job.run.resume and run.path.exists() and any(run.path.iterdir()):
+            raise RunDirError(
+                f"--resume: {run.path} is not a multipruner run (no run.json); choose the run's directory"
+            )
+        run.reset_steps()  # steps without a manifest: a run killed before it started
+        settings = {name: to_dict(getattr(job, name)) for name in RESULT_GROUPS}
+        run.write_manifest(RunManifest(ModelSource(**describe_source(job.model.model)), settings))
+        return
+    if not job.run.resume:
+        raise RunDirError(
+            f"{run.path} already holds a run; pass --resume to continue it, or choose another output"
+        )
+    manifest = run.manifest()
+    # a setting the stored run does not record (it predates it) had its default's behaviour
+    changed = [
+        d
+        for name, cls in RESULT_GROUPS.items()
+        for d in differences(cls, {**to_dict(cls()), **manifest.settings.get(name, {})}, getattr(job, name))
+    ]
+    if changed:
+        hint = (
+            " (a run made before multipruner-run/2 used the reference's sample counts: resume it with "
+            "--num_calibration_samples_block/--num_calibration_samples_width as it was started, or start anew)"
+            if manifest.format == "legacy"
+            else ""
+        )
+        raise RunDirError(f"cannot resume {run.path}: settings differ ({'; '.join(changed)}){hint}")
+    if manifest.format == "legacy":  # migrate: same settings, now in the current format
+        manifest = RunManifest(manifest.source, {n: to_dict(getattr(job, n)) for n in RESULT_GROUPS}, {})
+        run.write_manifest(manifest)
+        log.info("migrated %s to %s", run.manifest_file, manifest.format)
+
+
+def prune(job: PruneJob) -> RunDirectory:
+    """Run every wanted phase that is not done; returns the run directory."""
+    job.validate()
+    run = RunDirectory(job.output_dir())
+    if run.exists() and not job.run.resume:
+        raise RunDirError(
+            f"{run.path} already holds a run; pass --resume to continue it, or choose another output"
+        )
+    ctx = RunContext(job, run)
+    if not run.exists():  # model-dependent checks and calibration data fail before anything is written
+        ctx.load()
+        ctx.calibration = job.calibration.build(ctx.tokenizer)
+    run.lock()
+    start_or_resume(job, run)
+    for phase in PHASES:
+        if not phase.wanted(job):
+            continue
+        if phase.done(ctx):
+            log.info("phase %s: done already", phase.name)
+            continue
+        log.info("phase %s", phase.name)
+        started = time.perf_counter()
+        facts = phase.run(ctx)
+        run.mark_done(phase.name, wall_s=round(time.perf_counter() - started, 3), **facts)
+        if facts.get("stopped_at_max_steps"):
+            log.info(
+                "the search stopped at --max-steps; the phases after it use the plan so far (resume to go on)"
+            )
+    return run
+
+
+__all__ = ["PHASES", "PruneJob", "RunOptions", "UsageError", "prune"]

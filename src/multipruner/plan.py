@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .errors import UsageError
 from .io_utils import atomic_write_text
 from .layout import ModelLayout
 
@@ -18,7 +19,7 @@ PLAN_FORMAT = "multipruner-plan/1"
 BLOCK_KINDS = ("attention", "mlp")
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A plan that does not fit the model, or a plan file that cannot be read."""
 
 

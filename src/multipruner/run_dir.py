@@ -1,113 +1,279 @@
-"""The run directory of a search: settings, calibration tokens, step log, plans; resumable after a kill.
+"""The run directory of ``multipruner prune``: every file of a run, each read and written here only.
 
-Files (each written atomically, the step log appended with fsync):
-  run.json                 settings and model identity; a resumed run must match them
+Files (each written atomically; the step log appended with fsync):
+  run.json                 RunManifest: format, source model, settings per phase, finished phases
   calibration.safetensors  the exact token ids of each calibration set
-  steps.jsonl              one JSON object per finished step (step -1: the dense model)
-  plan.json                our plan after the last finished step
-  pruning_config.json      the same in the reference's format
+  steps.jsonl              the dense record (step -1), then one StepRecord per finished search step
+  plan.json                the plan after the last finished step (PruningPlan, with the model's layout)
+  pruning_config.json      the same plan in the reference's format (an export; never read back)
+  model/                   the extracted pruned model
+  eval_dense.json, eval_pruned.json   EvalResult of each model (with a CSV beside each)
+  bench.json               speed comparison written by ``multipruner bench --output``
+  report.md, *.png         the report
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .io_utils import append_line_durably, atomic_write_text
+from .errors import UsageError
+from .io_utils import append_line_durably, atomic_write_text, current_umask, remove_stale_temporaries
 from .layout import ModelLayout
-from .plan import PruningPlan
+from .plan import PlanError, PruningPlan
 
 log = logging.getLogger(__name__)
 
-# settings that change the result; anything else (progress, device, eval flags) may differ on resume
-RESUME_KEYS = (
-    "model",
-    "target_ratio",
-    "distribution",
-    "mlp_group_size",
-    "attention_group_size",
-    "weight_reorder",
-    "calibration_dataset",
-    "num_calibration_samples_block",
-    "num_calibration_samples_width",
-    "seqlen",
-    "dtype",
-    "seed",
-    "batch_size",
-)
+RUN_FORMAT = "multipruner-run/2"
+EVAL_FILES = {"dense": "eval_dense.json", "pruned": "eval_pruned.json"}
 
 
-class RunDirError(ValueError):
-    """A run directory that cannot be started or resumed as asked."""
+class RunDirError(UsageError):
+    """A run directory that cannot be started, resumed or read as asked."""
 
 
-def read_steps(path: Path) -> list[dict]:
-    """Finished steps; a torn last line (killed mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines):
+@dataclass(frozen=True)
+class ModelSource:
+    """The dense model a run started from: what the user gave and where it was found."""
+
+    spec: str
+    path: str | None = None  # local file or directory (a GGUF file for GGUF models); None for a hub id
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "path": self.path}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSource:
+        return cls(data["spec"], data.get("path"))
+
+    def loadable(self) -> str:
+        """What to pass to ``load_model`` to get this model back (the spec if it still resolves)."""
+        if self.path and Path(self.path).exists():
+            return self.path
+        return self.spec
+
+
+@dataclass
+class RunManifest:
+    """``run.json``: what the run is (source, settings per phase) and which phases are finished."""
+
+    source: ModelSource
+    settings: dict[str, dict]  # phase or group name -> settings.to_dict(...)
+    phases: dict[str, dict] = field(default_factory=dict)  # finished phase -> {"wall_s": ...}
+    format: str = RUN_FORMAT
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "source": self.source.to_dict(),
+            "settings": self.settings,
+            "phases": self.phases,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path) -> RunManifest:
+        if "format" not in data:
+            return cls.from_legacy(data)
+        if data["format"] != RUN_FORMAT:
+            raise RunDirError(
+                f"{where} has run format {data['format']!r}; this multipruner reads {RUN_FORMAT!r}"
+            )
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines) - 1:
-                raise RunDirError(
-                    f"{path} line {number + 1} is corrupt (not the last line, so not a torn write)"
-                ) from None
-            log.warning("dropping a torn last line of %s", path)
-    return records
+            return cls(ModelSource.from_dict(data["source"]), data["settings"], data.get("phases", {}))
+        except (KeyError, TypeError) as err:
+            raise RunDirError(f"{where} is not a valid run manifest ({err!r})") from err
+
+    @classmethod
+    def from_legacy(cls, flat: dict) -> RunManifest:
+        """A run.json written before format 2 (one flat dict of PruneJob fields)."""
+        groups = {
+            "model": ("model", "dtype"),
+            "calibration": (
+                "calibration_dataset",
+                "num_calibration_samples_block",
+                "num_calibration_samples_width",
+                "seqlen",
+                "seed",
+                "batch_size",
+            ),
+            "search": (
+                "target_ratio",
+                "distribution",
+                "mlp_group_size",
+                "attention_group_size",
+                "weight_reorder",
+            ),
+        }
+        # keys it lacks take today's defaults (the old search scored every candidate: exact racing's choices)
+        settings = {group: {k: flat[k] for k in keys if k in flat} for group, keys in groups.items()}
+        return cls(ModelSource(str(flat.get("model"))), settings, {}, format="legacy")
+
+
+@dataclass(frozen=True)
+class DenseRecord:
+    """Step -1 of the log: the dense model's calibration perplexity on each set."""
+
+    ppl: float  # block set
+    ppl_width: float | None
+    params: int
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"step": -1, "stage": "dense", "ratio": 0.0, **self.__dict__}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DenseRecord:
+        return cls(
+            float(data["ppl"]), data.get("ppl_width"), int(data.get("params", 0)), data.get("elapsed_s", 0.0)
+        )
+
+
+def _is_dense(record: dict) -> bool:
+    return record.get("step") == -1 or record.get("stage") == "dense"
 
 
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.settings_file = self.path / "run.json"
+        self.manifest_file = self.path / "run.json"
         self.calibration_file = self.path / "calibration.safetensors"
         self.steps_file = self.path / "steps.jsonl"
         self.plan_file = self.path / "plan.json"
         self.reference_file = self.path / "pruning_config.json"
+        self.model_dir = self.path / "model"
+        self.bench_file = self.path / "bench.json"
+        self._lock_handle = None
 
-    def start(self, settings: dict, resume: bool) -> list[dict]:
-        """Create or reopen the directory; returns the steps already done (only with ``resume``)."""
-        if self.settings_file.is_file():
-            if not resume:
-                raise RunDirError(
-                    f"{self.path} already holds a run; pass --resume to continue it, or choose another --output_path"
-                )
-            stored = json.loads(self.settings_file.read_text())
-            changed = [k for k in RESUME_KEYS if stored.get(k) != settings.get(k)]
-            if changed:
-                diffs = ", ".join(f"{k}: {stored.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-                raise RunDirError(f"cannot resume {self.path}: settings differ ({diffs})")
-            steps = [s for s in read_steps(self.steps_file) if s.get("step", -1) >= 0]
-            log.info("resuming %s after %d finished steps", self.path, len(steps))
-            return steps
+    # --- the manifest ---------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_file.is_file()
+
+    def manifest(self) -> RunManifest:
+        if not self.exists():
+            raise RunDirError(f"{self.path} is not a multipruner run directory (no run.json)")
+        try:
+            data = json.loads(self.manifest_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunDirError(f"cannot read {self.manifest_file}: {err}") from err
+        return RunManifest.from_dict(data, self.manifest_file)
+
+    def write_manifest(self, manifest: RunManifest) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.steps_file.exists():
-            self.steps_file.unlink()  # steps without settings: a run killed before it started
-        atomic_write_text(self.settings_file, json.dumps(settings, indent=2) + "\n")
-        return []
+        atomic_write_text(self.manifest_file, json.dumps(manifest.to_dict(), indent=2) + "\n")
 
-    def dense_record(self) -> dict | None:
-        return next((s for s in read_steps(self.steps_file) if s.get("step") == -1), None)
+    def mark_done(self, phase: str, **facts) -> None:
+        manifest = self.manifest()
+        manifest.phases[phase] = facts
+        self.write_manifest(manifest)
 
-    # calibration tokens are stored once so a resumed run scores on exactly the same data
+    # --- exclusive use -------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the directory for this process (released when it exits); refuse if another holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(
+                f"{self.path} is in use by {holder}; wait for it to finish or stop it, then --resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock_handle = handle
+        remove_stale_temporaries(self.path)
+
+    # --- calibration tokens: stored once so a resumed run scores on exactly the same data ----
     def load_calibration(self) -> dict[str, torch.Tensor] | None:
-        return load_file(self.calibration_file) if self.calibration_file.is_file() else None
+        if not self.calibration_file.is_file():
+            return None
+        try:
+            return load_file(self.calibration_file)
+        except (SafetensorError, OSError) as err:
+            raise RunDirError(
+                f"{self.calibration_file} is damaged ({err}); delete it and resume to rebuild it from the "
+                "recorded settings"
+            ) from err
 
     def save_calibration(self, sets: dict[str, torch.Tensor]) -> None:
-        tmp = self.calibration_file.with_suffix(".tmp")
+        tmp = self.calibration_file.with_name(f".{self.calibration_file.name}.tmp")
         save_file({k: v.contiguous() for k, v in sets.items()}, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(self.calibration_file)
 
-    def append_step(self, record: dict) -> None:
+    # --- the step log ---------------------------------------------------------------------
+    def _records(self, repair: bool = False) -> list[dict]:
+        """Every record; a torn last line (a kill mid-write) is dropped, and cut from the file if ``repair``."""
+        if not self.steps_file.is_file():
+            return []
+        raw = self.steps_file.read_bytes()
+        lines = raw.split(b"\n")
+        records, good_bytes = [], 0
+        for number, line in enumerate(lines):
+            if not line.strip():
+                good_bytes += len(line) + 1
+                continue
+            try:
+                records.append(json.loads(line))
+                good_bytes += len(line) + 1
+            except json.JSONDecodeError:
+                if any(rest.strip() for rest in lines[number + 1 :]):
+                    raise RunDirError(
+                        f"{self.steps_file} line {number + 1} is corrupt (not the last line, so not a torn "
+                        "write); restore it or start a new run"
+                    ) from None
+                log.warning("dropping a torn last line of %s", self.steps_file)
+                if repair:
+                    with open(self.steps_file, "r+b") as handle:
+                        handle.truncate(min(good_bytes, len(raw)))
+                break
+        return records
+
+    def dense_record(self) -> DenseRecord | None:
+        record = next((r for r in self._records() if _is_dense(r)), None)
+        return None if record is None else DenseRecord.from_dict(record)
+
+    def step_records(self) -> list[dict]:
+        """Finished search steps as stored (``search.StepRecord.from_dict`` reads one)."""
+        return [r for r in self._records() if not _is_dense(r)]
+
+    def append_record(self, record: dict) -> None:
+        self._records(repair=True)  # never append after a torn line
         append_line_durably(self.steps_file, json.dumps(record))
 
+    def reset_steps(self) -> None:
+        self.steps_file.unlink(missing_ok=True)
+
+    # --- plan --------------------------------------------------------------------------------
     def save_plan(self, plan: PruningPlan, layout: ModelLayout) -> None:
         plan.save(self.plan_file, layout)
         plan.save_reference(self.reference_file)
+
+    def plan(self) -> tuple[PruningPlan, ModelLayout | None] | None:
+        """The stored plan with the layout it was made for, or None if there is none yet."""
+        if not self.plan_file.is_file():
+            return None
+        try:
+            data = json.loads(self.plan_file.read_text())
+            layout = ModelLayout.from_dict(data["layout"]) if "layout" in data else None
+            return PruningPlan.from_dict(data, layout), layout
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise RunDirError(f"cannot read {self.plan_file}: {err!r}") from err
+        except PlanError as err:
+            raise RunDirError(f"{self.plan_file}: {err}") from err
+
+    # --- evaluation and speed -----------------------------------------------------------------
+    def eval_file(self, which: str) -> Path:
+        return self.path / EVAL_FILES[which]

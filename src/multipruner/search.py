@@ -15,15 +15,18 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
+from .errors import UsageError
 from .layout import ModelLayout
 from .plan import PruningPlan
+from .racing import RACE_MODES, RaceSettings
 from .scoring import CalibrationScorer
+from .settings import setting
 from .surgery import PrunableModel
 
 log = logging.getLogger(__name__)
 
 
-class SearchConfigError(ValueError):
+class SearchConfigError(UsageError):
     """Search settings that cannot work for this model."""
 
 
@@ -47,14 +50,88 @@ class Candidate:
         return cls(data["kind"], data["op"], int(data["layer"]), data.get("width"))
 
 
+def parse_distribution(text: str) -> tuple[float, float, float]:
+    """``a:b:c`` shares of the ratio for blocks, MLP channels and attention heads (e.g. ``44:52:4``)."""
+    try:
+        values = tuple(float(p) for p in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(
+            f"pruning distribution must be three non-negative numbers a:b:c with a positive sum "
+            f"(e.g. 44:52:4), got {text!r}"
+        )
+    return values
+
+
+METHODS = ("multipruner", "blockpruner", "shortgpt")
+DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
+
+
 @dataclass(frozen=True)
 class SearchSettings:
-    target_ratio: float
-    distribution: tuple[float, float, float]
-    mlp_group_size: int
-    attention_group_size: int
-    weight_reorder: bool = True
-    max_steps: int | None = None
+    method: str = setting(
+        "multipruner",
+        help="multipruner: blocks, then MLP channels, then attention heads (the paper); blockpruner: "
+        "attention/MLP blocks only (distribution 100:0:0); shortgpt: whole layers with the lowest Block "
+        "Influence, in one shot",
+        choices=METHODS,
+    )
+    target_ratio: float = setting(
+        10.0, help="target pruning ratio, percent of all parameters", aliases=("--target_ratio",)
+    )
+    distribution: tuple[float, float, float] | None = setting(
+        None,
+        help="share of the ratio for blocks:MLP channels:attention heads "
+        "(default: 44:52:4 for multipruner, 100:0:0 for blockpruner; shortgpt takes none)",
+        aliases=("--pruning_distribution",),
+        parse=parse_distribution,
+    )
+    mlp_group_size: int | None = setting(
+        None,
+        help="MLP channels removed per width step (default: the divisor of the MLP width nearest width/12)",
+        aliases=("--mlp_channel_group_size",),
+    )
+    attention_group_size: int | None = setting(
+        None,
+        help="query channels removed per attention step, whole KV groups (default: one KV group)",
+        aliases=("--attn_channel_group_size", "--attn-group-size"),
+    )
+    weight_reorder: bool = setting(
+        True, help="reorder channels by L1 importance before the search", aliases=("--weight_reorder",)
+    )
+    search: str = setting(
+        "exact",
+        help="exact: drop candidates that provably cannot win (same plan as scoring all); "
+        "fast: also drop those a paired test shows worse; off: score every candidate on every batch",
+        choices=RACE_MODES,
+    )
+    max_steps: int | None = setting(
+        None,
+        help="stop after this many search steps (resume later)",
+        affects_result=False,
+        aliases=("--max_steps",),
+    )
+
+    def __post_init__(self):
+        if self.distribution is None and self.method in DEFAULT_DISTRIBUTION:
+            object.__setattr__(self, "distribution", DEFAULT_DISTRIBUTION[self.method])
+        elif self.distribution is not None:
+            object.__setattr__(self, "distribution", tuple(float(d) for d in self.distribution))
+
+    @property
+    def race(self) -> RaceSettings:
+        return RaceSettings(mode=self.search)
+
+    def resolved(self, layout: ModelLayout) -> SearchSettings:
+        """These settings with the model-dependent defaults filled in, checked against ``layout``."""
+        settings = replace(
+            self,
+            mlp_group_size=self.mlp_group_size or default_mlp_group_size(layout.mlp_width),
+            attention_group_size=self.attention_group_size or layout.heads.unit_channels,
+        )
+        settings.validate(layout)
+        return settings
 
     def stage_targets(self) -> tuple[float, float, float]:
         total = sum(self.distribution)
@@ -62,10 +139,28 @@ class SearchSettings:
         t = self.target_ratio
         return (t * a, t * (a + b), t)
 
-    def validate(self, layout: ModelLayout) -> None:
+    def validate_ratio(self) -> None:
+        """The checks that need no model: ratio, distribution, step limit, group sizes given."""
+        problems = self._problems_without_model()
+        if problems:
+            raise SearchConfigError("invalid search settings:\n  - " + "\n  - ".join(problems))
+
+    def _problems_without_model(self) -> list[str]:
         problems = []
         if not 0 < self.target_ratio < 100:
             problems.append(f"target ratio must be in (0, 100) percent, got {self.target_ratio}")
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            return problems
+        if self.method == "shortgpt":
+            if self.distribution is not None:
+                problems.append("--method shortgpt removes whole layers in one shot: drop --distribution")
+            return problems
+        if self.method == "blockpruner" and self.distribution[1:] != (0.0, 0.0):
+            problems.append(
+                f"--method blockpruner removes blocks only (distribution 100:0:0), not "
+                f"{':'.join(f'{d:g}' for d in self.distribution)}: drop --distribution, or use --method multipruner"
+            )
         if (
             len(self.distribution) != 3
             or any(d < 0 for d in self.distribution)
@@ -74,20 +169,38 @@ class SearchSettings:
             problems.append(
                 f"distribution must be three non-negative numbers with a positive sum, got {self.distribution}"
             )
-        g, full = self.mlp_group_size, layout.mlp_width
-        if g <= 0 or full % g:
+        for flag, size in (
+            ("--mlp-group-size", self.mlp_group_size),
+            ("--attention-group-size", self.attention_group_size),
+        ):
+            if size is not None and size <= 0:
+                problems.append(f"{flag} must be positive, got {size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            problems.append(f"--max-steps must be 0 or more, got {self.max_steps}")
+        return problems
+
+    def validate(self, layout: ModelLayout) -> None:
+        problems = self._problems_without_model()
+        g, full = self.mlp_group_size or 0, layout.mlp_width
+        if g > 0 and full % g:
             problems.append(f"MLP channel group size {g} must be positive and divide the MLP width {full}")
         unit = layout.heads.unit_channels
-        g, full = self.attention_group_size, layout.attention_width
-        if g <= 0 or g % unit:
+        g, full = self.attention_group_size or 0, layout.attention_width
+        if g > 0 and g % unit:
             problems.append(
                 f"attention channel group size {g} must be a multiple of {unit} "
                 f"({layout.heads.q_heads_per_unit} query heads x head_dim {layout.head_dim}: whole KV groups)"
             )
-        elif full % g:
+        elif g > 0 and full % g:
             problems.append(f"attention channel group size {g} must divide the attention width {full}")
         if problems:
             raise SearchConfigError("invalid search settings:\n  - " + "\n  - ".join(problems))
+
+
+def default_mlp_group_size(width: int) -> int:
+    """The divisor of ``width`` nearest to width/12 (the authors use ~1/11-1/14 of the MLP width)."""
+    divisors = [d for d in range(1, width + 1) if width % d == 0]
+    return min(divisors, key=lambda d: (abs(d - width / 12), -d))
 
 
 # --- stages: candidate generators ------------------------------------------------------
@@ -138,10 +251,17 @@ class StepRecord:
     ratio: float
     params: int
     elapsed_s: float
-    plan: dict  # reference format
+    plan: dict  # PruningPlan.to_dict()
+    skipped_batches: int = 0  # candidate-batches that racing did not need to run
+    total_batches: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepRecord:
+        fields = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        return cls(**{"skipped_batches": 0, "total_batches": 0, **fields})
 
 
 def initial_plan(layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
@@ -153,15 +273,20 @@ def initial_plan(layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
     )
 
 
-def plan_from_record(record: dict, layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
+def plan_from_record(record: StepRecord, layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
+    """The plan a step record ended with (records of runs before format 2 hold the reference format)."""
     base = initial_plan(layout, settings)
-    ref = PruningPlan.from_reference(record["plan"], layout, weight_reorder=settings.weight_reorder)
+    data = record.plan
+    if "format" in data:
+        stored = PruningPlan.from_dict(data)
+    else:
+        stored = PruningPlan.from_reference(data, layout, weight_reorder=settings.weight_reorder)
     return replace(
         base,
-        removed_attention=ref.removed_attention,
-        removed_mlp=ref.removed_mlp,
-        attention_width=ref.attention_width,
-        mlp_width=ref.mlp_width,
+        removed_attention=stored.removed_attention,
+        removed_mlp=stored.removed_mlp,
+        attention_width=stored.attention_width,
+        mlp_width=stored.mlp_width,
     )
 
 
@@ -169,7 +294,7 @@ def run_search(
     prunable: PrunableModel,
     scorers: dict[str, CalibrationScorer],
     settings: SearchSettings,
-    done_steps: list[dict] | None = None,
+    done_steps: list[StepRecord] | None = None,
     on_step: Callable[[StepRecord, PruningPlan], None] | None = None,
     progress: bool = True,
 ) -> PruningPlan:
@@ -178,7 +303,7 @@ def run_search(
     ``on_step`` is called after every finished step (the run directory writes it durably there).
     """
     layout = prunable.layout
-    settings.validate(layout)
+    settings = settings.resolved(layout)
     done_steps = done_steps or []
     plan = (
         plan_from_record(done_steps[-1], layout, settings) if done_steps else initial_plan(layout, settings)
@@ -212,31 +337,45 @@ def run_search(
                 leave=False,
             ) as bar:
                 scores = scorer.score(
-                    plans, [c.layer for c in candidates], keys=candidates, on_batch=bar.update
+                    plans,
+                    [c.layer for c in candidates],
+                    keys=candidates,
+                    on_batch=bar.update,
+                    race=settings.race,
                 )
-            best = min(range(len(scores)), key=lambda k: (scores[k], k))
+            best = scores.best()
             plan = plans[best]
             prunable.apply(plan)
             record = StepRecord(
                 step=step,
                 stage=stage.name,
-                candidates=[{**c.to_dict(), "ppl": s} for c, s in zip(candidates, scores, strict=True)],
-                choice={**candidates[best].to_dict(), "ppl": scores[best]},
-                ppl=scores[best],
+                candidates=[
+                    {**c.to_dict(), "ppl": ppl, "partial_ppl": partial, "sequences": n}
+                    for c, ppl, partial, n in zip(
+                        candidates, scores.ppl, scores.partial_ppl, scores.sequences, strict=True
+                    )
+                ],
+                choice={**candidates[best].to_dict(), "ppl": scores.ppl[best]},
+                ppl=scores.ppl[best],
                 ratio=plan.ratio(layout),
                 params=plan.num_params(layout),
                 elapsed_s=time.perf_counter() - started,
-                plan=plan.to_reference(),
+                plan=plan.to_dict(),
+                skipped_batches=scores.skipped_batches,
+                total_batches=scores.total_batches,
             )
             log.info(
-                "step %d [%s] %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs)",
+                "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d batches)",
                 step,
                 stage.name,
                 candidates[best].op,
+                candidates[best].kind,
                 candidates[best].layer,
-                scores[best],
+                scores.ppl[best],
                 record.ratio,
                 record.elapsed_s,
+                scores.skipped_batches,
+                scores.total_batches,
             )
             if on_step:
                 on_step(record, plan)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UsageError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(UsageError):
     """The model family has no adapter."""
 
 

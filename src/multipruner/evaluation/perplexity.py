@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
+from ..errors import UsageError
 from ..scoring import LossSettings, perplexity_from_nll, sequence_nll
 
 
@@ -22,7 +23,10 @@ def stream_perplexity(
     """exp(mean over non-overlapping windows of each window's mean NLL); a last partial window is dropped."""
     windows = token_stream.numel() // seqlen
     if windows == 0:
-        raise ValueError(f"the text has {token_stream.numel()} tokens, fewer than one window of {seqlen}")
+        raise UsageError(
+            f"the text has {token_stream.numel()} tokens, fewer than one window of {seqlen}; use a longer text "
+            "or a smaller --seqlen"
+        )
     ids = token_stream[: windows * seqlen].view(windows, seqlen)
     adapter = adapter_for(model)
     settings = LossSettings(ignore_index=ignore_index, batch_size=batch_size)

@@ -1,78 +1,114 @@
-"""`multipruner eval`: perplexity and zero-shot accuracy of one model, in the reference's result shape."""
+"""`multipruner eval`: perplexity texts and zero-shot tasks of one model, as an :class:`EvalResult`."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import eval_token_stream
-from ..io_utils import atomic_write_text
+from ..errors import UsageError
+from ..settings import setting
 from .perplexity import stream_perplexity
+from .results import PPL, EvalMeta, EvalResult, Metric
 
 log = logging.getLogger(__name__)
 
 PPL_SOURCES = ("wikitext2", "ptb", "c4")
+DEFAULT_TASKS = ["wikitext2", "piqa", "arc_easy", "boolq", "hellaswag"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to measure; none of it changes the pruned model."""
+
+    tasks: list[str] = setting(
+        help="comma list: perplexity texts (wikitext2, ptb, c4, a .txt path) and zero-shot tasks (piqa, "
+        "winogrande, hellaswag, arc_easy, arc_challenge, boolq, openbookqa)",
+        default_factory=lambda: list(DEFAULT_TASKS),
+        affects_result=False,
+    )
+    limit: int | None = setting(200, help="examples per zero-shot task (0: all)", affects_result=False)
+    seqlen: int = setting(2048, help="perplexity window (the papers: 2048)", affects_result=False)
+    max_windows: int | None = setting(
+        None,
+        help="score only the first N perplexity windows of each text (default: all)",
+        affects_result=False,
+    )
+    batch_size: int = setting(8, help="zero-shot batch size", affects_result=False)
+
+    def validate(self) -> None:
+        problems = []
+        if not self.tasks:
+            problems.append("no evaluation task given (e.g. --tasks wikitext2,piqa)")
+        if self.limit is not None and self.limit < 0:
+            problems.append(f"the example limit must be 0 (all) or more, got {self.limit}")
+        if self.seqlen < 2:
+            problems.append(f"the perplexity window must be at least 2 tokens, got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            problems.append(f"--max-windows must be at least 1, got {self.max_windows}")
+        if self.batch_size < 1:
+            problems.append(f"the batch size must be at least 1, got {self.batch_size}")
+        if problems:
+            raise UsageError("invalid evaluation settings: " + "; ".join(problems))
+
+
+def is_perplexity_source(task: str) -> bool:
+    return task in PPL_SOURCES or task.endswith(".txt")
 
 
 def evaluate(
     model,
     tokenizer,
-    tasks: list[str],
+    settings: EvalSettings,
     *,
-    limit: int | None = None,
-    seqlen: int = 2048,
-    batch_size: int = 8,
+    name: str = "",
     dense_params: int | None = None,
     progress: bool = True,
     overrides=None,
-) -> dict:
-    """Evaluate ``tasks``: perplexity sources (wikitext2, ptb, c4, or a .txt path) and lm-eval task names."""
+) -> EvalResult:
+    """Evaluate ``model`` on ``settings.tasks``; ``dense_params`` marks it as pruned from a model that size."""
+    started = time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
-    result: dict = {
-        "total_params": dense_params or params,
-        "pruned_model_params": params,
-        "ratio": 100.0 * (1 - params / (dense_params or params)),
-    }
-    ppl_tasks = [t for t in tasks if t in PPL_SOURCES or t.endswith(".txt")]
-    zero_shot = [t for t in tasks if t not in ppl_tasks]
-    for source in ppl_tasks:
+    limit = settings.limit or None
+    tasks: dict[str, dict[str, Metric]] = {}
+    texts = [t for t in settings.tasks if is_perplexity_source(t)]
+    zero_shot = [t for t in settings.tasks if not is_perplexity_source(t)]
+    for source in texts:
         stream = eval_token_stream(source, tokenizer)
-        name = source if source in PPL_SOURCES else Path(source).stem
-        result[f"ppl_{name}"] = stream_perplexity(
-            model, stream, seqlen=seqlen, ignore_index=tokenizer.eos_token_id, progress=progress
+        if settings.max_windows:
+            stream = stream[: settings.max_windows * settings.seqlen]
+        windows = stream.numel() // settings.seqlen
+        ppl = stream_perplexity(
+            model, stream, seqlen=settings.seqlen, ignore_index=tokenizer.eos_token_id, progress=progress
         )
-        log.info("%s perplexity (seqlen %d): %.3f", name, seqlen, result[f"ppl_{name}"])
+        label = source if source in PPL_SOURCES else Path(source).stem
+        tasks[label] = {PPL: Metric(ppl, None, windows)}
+        log.info("%s perplexity (seqlen %d, %d windows): %.3f", label, settings.seqlen, windows, ppl)
     if zero_shot:
-        from .zeroshot import evaluate_zero_shot, headline_metric
+        from .zeroshot import evaluate_zero_shot
 
-        scores = evaluate_zero_shot(
-            model, tokenizer, zero_shot, limit=limit, batch_size=batch_size, overrides=overrides, device=None
+        tasks.update(
+            evaluate_zero_shot(
+                model,
+                tokenizer,
+                zero_shot,
+                limit=limit,
+                batch_size=settings.batch_size,
+                overrides=overrides,
+                device=None,
+            )
         )
-        for task, metrics in scores["tasks"].items():
-            result[task] = round(100 * metrics[headline_metric(metrics)], 2)
-        result["5cs_acc_avg"] = None if scores["paper_avg"] is None else round(100 * scores["paper_avg"], 2)
-        result["details"] = scores
-    result["limit"] = limit
-    result["seqlen"] = seqlen
-    return result
-
-
-def write_results(result: dict, path: str | Path) -> None:
-    """JSON, plus a CSV beside it with the reference's columns."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    columns = ["total_params", "pruned_model_params", "ratio"]
-    columns += [k for k in result if k.startswith("ppl_")]
-    columns += [
-        k
-        for k in result
-        if k not in columns and isinstance(result[k], (int, float)) and k not in ("limit", "seqlen")
-    ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerow(result)
-    atomic_write_text(path.with_suffix(".csv"), buffer.getvalue())
+    parameter = next(model.parameters())
+    meta = EvalMeta(
+        model=name,
+        params=params,
+        dense_params=dense_params if dense_params and dense_params != params else None,
+        limit=limit,
+        seqlen=settings.seqlen,
+        dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device),
+        wall_s=time.perf_counter() - started,
+    )
+    return EvalResult(meta, tasks)

@@ -38,12 +38,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
+from ..settings import setting
+from ..tables import render_table
+
 logger = logging.getLogger(__name__)
 
 MB = 1024**2
 DECODE_PROMPT_MAX = 128
 BASELINE = "dense"
 CANDIDATE = "pruned"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The workload both models are timed on."""
+
+    batch_size: int = setting(1, help="sequences per forward")
+    seqlen: int = setting(512, help="prefill length in tokens")
+    new_tokens: int = setting(64, help="tokens generated with the KV cache")
+    repeats: int = setting(3, help="timed runs per model (the median is reported)")
+
+    def validate(self) -> None:
+        bad = [
+            f"--{k.replace('_', '-')} must be at least 1, got {v}" for k, v in asdict(self).items() if v < 1
+        ]
+        if bad:
+            raise UsageError("; ".join(bad))
 
 
 @dataclass(frozen=True)
@@ -383,7 +404,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_speed_table(comparison: Mapping) -> str:
     """Plain-text table for a terminal: one row per model, then the candidate/baseline ratio row."""
     header = ("model", "params (M)", "prefill tok/s", "decode tok/s", "peak mem (MB)", "disk (MB)")
-    rows = [header]
+    rows = []
     models = comparison.get("models", {})
     for name, r in models.items():
         rows.append(
@@ -403,15 +424,7 @@ def format_speed_table(comparison: Mapping) -> str:
         rows.append(
             (label, *(_fmt(ratios.get(k), ".3f") + ("x" if ratios.get(k) is not None else "") for k in keys))
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [render_table(header, rows)]
     if models:
         first = next(iter(models.values()))
         lines.append(

@@ -23,12 +23,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ..data import DATA_DIR_ENV, expected_data_dir, offline_variable, shared_data_dir
+from ..errors import UsageError
+from .results import Metric
+
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
 __all__ = [
-    "PAPER_TASKS",
     "SUPPORTED_TASKS",
     "TASK_SPECS",
     "TaskDataError",
@@ -37,20 +40,15 @@ __all__ = [
     "default_data_dir",
     "evaluate_zero_shot",
     "local_task_config",
-    "paper_average",
     "resolve_task_files",
 ]
 
 logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DATA_DIR_ENV = "MULTIPRUNER_DATA_DIR"
-PAPER_TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
-_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUTHY = {"1", "true", "yes", "on"}
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UsageError):
     """A requested task cannot run: unknown name, or no data reachable for it."""
 
 
@@ -105,27 +103,10 @@ SUPPORTED_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 
 
 # --------------------------------------------------------------------------- resolution
-def _is_offline() -> bool:
-    """Read at call time (not import time) so tests and callers can toggle it."""
-    return any(os.environ.get(var, "").strip().lower() in _TRUTHY for var in _OFFLINE_ENVS)
-
-
 def default_data_dir() -> Path:
-    """``$MULTIPRUNER_DATA_DIR``, else the shared data folder beside the project.
-
-    Candidates, first existing wins: ./shared/data and ../shared/data (from the cwd, as the
-    project runs from its root), then <repo>/../shared/data. If none exists the last one is
-    returned so error messages still name a concrete place.
-    """
-    if env := os.environ.get(DATA_DIR_ENV):
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[3]
-    candidates = (
-        Path.cwd() / "shared" / "data",
-        Path.cwd().parent / "shared" / "data",
-        repo.parent / "shared" / "data",
-    )
-    return next((c for c in candidates if c.is_dir()), candidates[-1])
+    """The shared offline data folder (see ``data.shared_data_dir``); when there is none, the place it is
+    looked for last, so error messages still name a concrete folder."""
+    return shared_data_dir() or expected_data_dir()
 
 
 def _normalize_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -159,7 +140,7 @@ def _resolve_one(spec: TaskSpec, data_dir: Path, override: str | os.PathLike | N
     path = data_dir / spec.default_file
     if path.is_file():
         return path.resolve()
-    if _is_offline():
+    if offline_variable():
         raise _missing_file_error(spec, path)
     logger.info("%s: no local file at %s; using the stock lm-eval hub task", spec.name, path)
     return None
@@ -226,40 +207,27 @@ def build_tasks(files: Mapping[str, Path | None], task_manager: TaskManager | No
 
 
 # --------------------------------------------------------------------------- evaluation
-def _metric(task_results: Mapping[str, Any], metric: str) -> float | None:
-    """lm-eval keys metrics as ``"<metric>,<filter>"``; the filter is ``none`` here."""
+def _metric(task_results: Mapping[str, Any], metric: str, n: int) -> Metric | None:
+    """lm-eval keys metrics as ``"<metric>,<filter>"`` (the filter is ``none`` here) and their standard
+    errors as ``"<metric>_stderr,<filter>"``."""
     value = task_results.get(f"{metric},none")
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    stderr = task_results.get(f"{metric}_stderr,none")
+    stderr = float(stderr) if isinstance(stderr, int | float) and math.isfinite(stderr) else None
+    return Metric(float(value), stderr, n)
 
 
-def _summarize(raw: Mapping[str, Any], lm_names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Pick acc / acc_norm / evaluated count per task from simple_evaluate's output."""
+def _summarize(raw: Mapping[str, Any], lm_names: Mapping[str, str]) -> dict[str, dict[str, Metric]]:
+    """acc and acc_norm (where the task has it), with standard error and count, per task."""
     summary = {}
     for lm_name, name in lm_names.items():
         res = raw["results"][lm_name]
         n_samples = raw.get("n-samples", {}).get(lm_name, {})
-        summary[name] = {
-            "acc": _metric(res, "acc"),
-            "acc_norm": _metric(res, "acc_norm"),
-            "n": int(n_samples.get("effective", n_samples.get("original", 0))),
-        }
+        n = int(n_samples.get("effective", n_samples.get("original", 0)))
+        metrics = {m: _metric(res, m, n) for m in ("acc", "acc_norm")}
+        summary[name] = {m: v for m, v in metrics.items() if v is not None}
     return summary
-
-
-def headline_metric(metrics: Mapping[str, Any]) -> str:
-    """The metric the paper reports for a task: acc_norm where the task has it, else acc."""
-    return "acc_norm" if metrics.get("acc_norm") is not None else "acc"
-
-
-def paper_average(task_results: Mapping[str, Mapping[str, Any]]) -> float | None:
-    """Mean over PAPER_TASKS of acc_norm where the task has it, else acc (fractions).
-
-    This is the paper's average; None unless all five tasks ran.
-    """
-    if not all(t in task_results for t in PAPER_TASKS):
-        return None
-    scores = [task_results[t][headline_metric(task_results[t])] for t in PAPER_TASKS]
-    return sum(scores) / len(scores)
 
 
 def evaluate_zero_shot(
@@ -278,9 +246,9 @@ def evaluate_zero_shot(
     The model is moved to ``device`` in place when it is elsewhere (lm-eval's HFLM evaluates a
     passed-in model where it lives); ``device=None`` leaves it where it is (e.g. sharded models).
 
-    Returns ``{"tasks": {task: {"acc", "acc_norm", "n"}}, "paper_avg", "limit"}``: accuracies
-    are fractions, ``acc_norm`` is None for tasks whose stock metrics lack it (boolq,
-    winogrande), ``n`` is the number of examples scored.
+    Returns ``{task: {"acc": Metric, "acc_norm": Metric}}``: accuracies are fractions with lm-eval's
+    standard errors and the number of examples scored; ``acc_norm`` is absent for tasks whose stock
+    metrics lack it (boolq, winogrande).
     """
     import torch
     from lm_eval import evaluator
@@ -307,5 +275,4 @@ def evaluate_zero_shot(
         numpy_random_seed=None,
         torch_random_seed=None,
     )
-    task_results = _summarize(raw, lm_names)
-    return {"tasks": task_results, "paper_avg": paper_average(task_results), "limit": limit}
+    return _summarize(raw, lm_names)
