@@ -1,4 +1,4 @@
-"""Command-line interface: `multipruner prune | extract | inspect | eval | bench | report`.
+"""Command-line interface: `multipruner prune | extract | compensate | inspect | eval | bench | report`.
 
 Flags come from the settings dataclasses (``cli_options``); ``prune`` also accepts the reference's flag
 spellings, so the authors' published commands run with only the program name changed.
@@ -41,6 +41,7 @@ def _check_output_file(path: str | None) -> None:
 # --- prune --------------------------------------------------------------------------------------
 def add_prune(sub) -> None:
     from .calibration import CalibrationSettings
+    from .compensate import CompensateSettings
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
     from .pipeline import RunOptions
@@ -52,6 +53,7 @@ def add_prune(sub) -> None:
     add_settings(p, SearchSettings, title="search")
     add_settings(p, CalibrationSettings, title="calibration")
     add_settings(p, EvalSettings, prefix="eval-", title="evaluation (with --do-eval)")
+    add_settings(p, CompensateSettings, prefix="compensate-", title="compensation (with --compensate)")
     ref = p.add_argument_group("the reference's flags with nothing to set here")
     ref.add_argument("--do_prune", "--do-prune", action="store_true", help="run the search (always done)")
     ref.add_argument("--importance_metric", "--importance-metric", choices=["ppl"], default="ppl")
@@ -65,6 +67,7 @@ def add_prune(sub) -> None:
 
 def cmd_prune(args) -> None:
     from .calibration import CalibrationSettings
+    from .compensate import CompensateSettings
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
     from .pipeline import PruneJob, RunOptions, prune
@@ -82,6 +85,7 @@ def cmd_prune(args) -> None:
         calibration=settings_from_args(CalibrationSettings, args),
         search=settings_from_args(SearchSettings, args),
         evaluation=settings_from_args(EvalSettings, args, prefix="eval-"),
+        compensation=settings_from_args(CompensateSettings, args, prefix="compensate-"),
         run=settings_from_args(RunOptions, args),
         progress=not args.quiet,
     )
@@ -178,6 +182,65 @@ def cmd_extract(args) -> None:
         f"pruning ratio {plan.ratio(layout):.2f}% ({layout.dense_params():,} -> {plan.num_params(layout):,}); "
         f"saved to {args.output}"
     )
+
+
+def add_compensate(sub) -> None:
+    from .calibration import CalibrationSettings
+    from .compensate import CompensateSettings
+    from .models import ModelSettings
+
+    p = sub.add_parser(
+        "compensate",
+        help="extract a plan and refit its narrowed branches in closed form (no training); save the model",
+    )
+    add_settings(p, ModelSettings)
+    p.add_argument("--plan", required=True, help="our plan.json or the reference's pruning_config.json")
+    p.add_argument("--output", "--output_path", dest="output", required=True)
+    _add_plan_flags(p)
+    p.add_argument("--overwrite", action="store_true")
+    add_settings(p, CompensateSettings, title="compensation")
+    add_settings(
+        p, CalibrationSettings, title="calibration text (its token budgets size the default compensation set)"
+    )
+    p.set_defaults(func=cmd_compensate)
+
+
+def cmd_compensate(args) -> None:
+    from .calibration import CalibrationSettings
+    from .compensate import CompensateSettings, compensate, compensation_summary
+    from .export import extract, prepare_dense, save_pruned
+    from .tables import render_table
+
+    settings = settings_from_args(CompensateSettings, args)
+    settings.validate()
+    calibration = settings_from_args(CalibrationSettings, args)
+    calibration.validate()
+    if Path(args.output).exists() and not args.overwrite:
+        raise CliError(f"{args.output} exists; pass --overwrite to replace it")
+    model, tokenizer, layout, plan = _load_dense_and_plan(args)
+    prunable = prepare_dense(model, plan.weight_reorder)
+    tokens = settings.calibration_tokens(calibration, None, tokenizer)
+    pruned = extract(prunable, plan)
+    fits = compensate(prunable, pruned, plan, tokens, settings, batch_size=calibration.batch_size)
+    plan = replace(plan, meta={**plan.meta, "compensation": compensation_summary(fits, settings, tokens)})
+    save_pruned(pruned, tokenizer, args.output, plan, layout, overwrite=args.overwrite)
+    rows = [
+        (
+            f.layer,
+            f.kind,
+            f"{f.kept}/{f.full}",
+            f"{f.error_before:.4g}",
+            f"{f.error_after:.4g}",
+            f"{f.error_after / f.error_before:.3f}" if f.error_before else "—",
+        )
+        for f in fits
+    ]
+    print(
+        render_table(
+            ("layer", "branch", "kept", "error before", "error after", "ratio"), rows, align="rllrrr"
+        )
+    )
+    print(f"compensated {len(fits)} branches on {tokens.numel()} tokens; saved to {args.output}")
 
 
 def add_inspect(sub) -> None:
@@ -347,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_prune, add_extract, add_inspect, add_eval, add_bench, add_report):
+    for add in (add_prune, add_extract, add_compensate, add_inspect, add_eval, add_bench, add_report):
         add(sub)
     return parser
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .calibration import CalibrationSettings
+from .compensate import CompensateSettings, compensate, compensation_summary
 from .errors import UsageError
 from .evaluation.runner import EvalSettings
 from .export import extract, prepare_dense, save_pruned
@@ -52,6 +53,11 @@ class RunOptions:
         affects_result=False,
     )
     extract: bool = setting(False, help="save the pruned model to <run>/model", affects_result=False)
+    compensate: bool = setting(
+        False,
+        help="refit the narrowed branches' output projections in closed form before saving (implies --extract)",
+        affects_result=False,
+    )
     do_eval: bool = setting(
         False,
         help="evaluate the dense and the pruned model at the end",
@@ -71,6 +77,7 @@ class PruneJob:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    compensation: CompensateSettings = field(default_factory=CompensateSettings)
     run: RunOptions = field(default_factory=RunOptions)
     progress: bool = True
 
@@ -84,6 +91,8 @@ class PruneJob:
         self.model.torch_device()  # an unknown device or a missing GPU fails now
         if self.run.do_eval:
             self.evaluation.validate()
+        if self.run.compensate:
+            self.compensation.validate()
 
 
 class RunContext:
@@ -110,6 +119,17 @@ class RunContext:
 
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))
+
+    def saved_or_extracted(self):
+        """The pruned model as the run saved it (compensated or recovered ones only exist there), or
+        extracted now when the run saves none."""
+        if ExtractPhase().wanted(self.job) and ExtractPhase().done(self):
+            from .export import load_pruned
+
+            return load_pruned(
+                self.run.model_dir, dtype=self.job.model.torch_dtype(), device=self.job.model.torch_device()
+            )[0]
+        return extract(self.prunable, self.current_plan())
 
     def current_plan(self) -> PruningPlan:
         if self.plan is None:
@@ -223,26 +243,51 @@ class SearchPhase(Phase):
 
 
 class CompensatePhase(Phase):
-    """Closed-form weight compensation (issue: win back quality); not implemented yet."""
+    """Closed-form refit of the narrowed branches (``compensate.py``); its result is saved by extract."""
 
     name = "compensate"
 
     def wanted(self, job: PruneJob) -> bool:
-        return False
+        return job.run.compensate
+
+    def done(self, ctx: RunContext) -> bool:
+        facts = ctx.run.manifest().phases.get(self.name, {})
+        same = facts.get("settings") == to_dict(ctx.job.compensation)
+        return super().done(ctx) and same and ExtractPhase().done(ctx)
+
+    def run(self, ctx: RunContext) -> dict:
+        ctx.load()
+        plan = ctx.current_plan()
+        calibration = ctx.run.load_calibration()
+        tokens = ctx.job.compensation.calibration_tokens(ctx.job.calibration, calibration, ctx.tokenizer)
+        ctx.pruned = extract(ctx.prunable, plan)
+        fits = compensate(
+            ctx.prunable,
+            ctx.pruned,
+            plan,
+            tokens,
+            ctx.job.compensation,
+            batch_size=ctx.job.calibration.batch_size,
+            progress=ctx.job.progress,
+        )
+        summary = compensation_summary(fits, ctx.job.compensation, tokens)
+        ctx.plan = replace(plan, meta={**plan.meta, "compensation": summary})
+        return {"settings": to_dict(ctx.job.compensation), "plan": plan_fingerprint(plan), **summary}
 
 
 class ExtractPhase(Phase):
     name = "extract"
 
     def wanted(self, job: PruneJob) -> bool:
-        return job.run.extract
+        return job.run.extract or job.run.compensate
 
     def done(self, ctx: RunContext) -> bool:
         return super().done(ctx) and ctx.run.model_dir.is_dir()
 
     def run(self, ctx: RunContext) -> dict:
         ctx.load()
-        ctx.pruned = extract(ctx.prunable, ctx.current_plan())
+        if ctx.pruned is None:  # compensation, when asked for, has just built it
+            ctx.pruned = extract(ctx.prunable, ctx.current_plan())
         save_pruned(ctx.pruned, ctx.tokenizer, ctx.run.model_dir, ctx.plan, ctx.layout, overwrite=True)
         return {"path": str(ctx.run.model_dir), "plan": plan_fingerprint(ctx.plan)}
 
@@ -273,7 +318,7 @@ class EvaluatePhase(Phase):
         ctx.load()
         plan = ctx.current_plan()
         if ctx.pruned is None:
-            ctx.pruned = extract(ctx.prunable, plan)
+            ctx.pruned = ctx.saved_or_extracted()
         ctx.prunable.restore()
         dense_params = ctx.layout.dense_params()
         for which, model in (("dense", ctx.model), ("pruned", ctx.pruned)):

@@ -1,0 +1,262 @@
+"""Closed-form weight compensation: refit each narrowed branch's output projection (no training).
+
+After pruning, an MLP keeps its first ``k`` channels (they are the most important after reordering) and
+an attention block its first query heads. Both branches end in a linear map (``down_proj``, ``o_proj``)
+whose input ``x`` is, channel for channel, the full branch's input restricted to the kept channels. So the
+full branch output ``y = W x_full`` can be re-approximated from the kept channels alone by ridge least
+squares over calibration tokens:
+
+    W' = argmin_W  sum_t ||W_full x_full(t) - W x_kept(t)||^2 + lambda ||W||^2
+       = W_full G[:, :k] (G[:k, :k] + lambda I)^-1,       G = sum_t x_full(t) x_full(t)^T
+
+i.e. the removed channels are regressed onto the kept ones. Only the Gram matrix ``G`` (width x width,
+float64) is accumulated, never the activations. ``lambda = damping * mean(diag(G[:k, :k]))``, a relative
+damping as in GPTQ (default 0.01), keeps the solve well conditioned; Cholesky solves it.
+
+Layers are done in order, each on the hidden states the already-compensated pruned model produces
+(sequential: later layers see the errors of earlier ones), attention before MLP within a layer. The
+targets are the dense branch's outputs on those same inputs (a local reconstruction, FLAP/SlimGPT style).
+No parameter is added: only the kept out-projection weights change, so the saved model keeps its shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .plan import PruningPlan
+from .scoring import _LayerInputRecorder
+from .settings import setting
+from .surgery import PrunableModel
+
+log = logging.getLogger(__name__)
+
+
+class CompensationError(UsageError):
+    """Compensation cannot run as asked (the message says why and what to change)."""
+
+
+@dataclass(frozen=True)
+class CompensateSettings:
+    damping: float = setting(
+        0.01, help="ridge damping, relative to the mean diagonal of the kept channels' Gram matrix"
+    )
+    tokens: int | None = setting(
+        None, help="calibration tokens for compensation (default: the run's block and width sets together)"
+    )
+
+    def calibration_tokens(self, calibration, stored: dict | None, tokenizer) -> torch.Tensor:
+        """Compensation's tokens: the run's stored block and width sets, or a fresh draw of ``tokens``."""
+        if self.tokens is None and stored is not None:
+            return torch.cat([stored["width"], stored["block"]])
+        budget = self.tokens or calibration.block_tokens + calibration.width_tokens
+        sets = replace(
+            calibration,
+            block_tokens=budget,
+            width_tokens=calibration.seqlen,
+            num_calibration_samples_block=None,
+            num_calibration_samples_width=None,
+        ).build(tokenizer)
+        return sets["block"]
+
+    def validate(self) -> None:
+        if self.damping < 0:
+            raise CompensationError(f"--damping must be 0 or more, got {self.damping}")
+        if self.tokens is not None and self.tokens < 1:
+            raise CompensationError(f"--compensate-tokens must be at least 1, got {self.tokens}")
+
+
+@dataclass(frozen=True)
+class BranchFit:
+    """How well one refitted projection reproduces the dense branch (squared error summed over tokens)."""
+
+    layer: int
+    kind: str
+    kept: int
+    full: int
+    error_before: float
+    error_after: float
+
+
+def ridge_refit(w_full: torch.Tensor, gram: torch.Tensor, kept: int, damping: float) -> torch.Tensor:
+    """``W_full G[:, :k] (G[:k,:k] + lambda I)^-1`` in float64 (see the module docstring)."""
+    g_kk = gram[:kept, :kept]
+    lam = damping * g_kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    system = g_kk + lam * torch.eye(kept, dtype=gram.dtype, device=gram.device)
+    rhs = (w_full.double() @ gram[:, :kept]).T  # (k, out)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info.item() != 0:
+        raise CompensationError(
+            "the kept channels' Gram matrix is singular (some kept channels never activate on the "
+            "calibration tokens); raise --damping above 0"
+        )
+    return torch.cholesky_solve(rhs, factor).T
+
+
+def reconstruction_error(w_full: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> float:
+    """``sum_t ||W_full x_full - W x_kept||^2`` from the Gram matrix alone."""
+    k = w.shape[1]
+    w_full, w = w_full.double(), w.double()
+    full = (w_full @ gram @ w_full.T).trace()
+    cross = (w @ gram[:k, :] @ w_full.T).trace()
+    kept = (w @ gram[:k, :k] @ w.T).trace()
+    return float(full - 2 * cross + kept)
+
+
+class _GramOfInput:
+    """A forward pre-hook that adds ``x^T x`` of a linear layer's input to a float64 Gram matrix."""
+
+    def __init__(self, linear: nn.Linear):
+        width = linear.in_features
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=linear.weight.device)
+        self.tokens = 0
+        self.handle = linear.register_forward_pre_hook(self._add)
+
+    def _add(self, module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        self.gram += x.T @ x
+        self.tokens += x.shape[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _replay_into(target: nn.Module):
+    """A pre-hook for the pruned branch that runs the dense (full-width) branch on the same input."""
+
+    def hook(module, args, kwargs):
+        target(*args, **kwargs)
+
+    return hook
+
+
+class Compensator:
+    """Refits the narrowed branches of ``pruned`` (extracted from ``dense`` with ``plan``) in place."""
+
+    def __init__(
+        self, dense: PrunableModel, pruned: nn.Module, plan: PruningPlan, settings: CompensateSettings
+    ):
+        settings.validate()
+        plan.validate(dense.layout)
+        self.dense, self.pruned, self.plan, self.settings = dense, pruned, plan, settings
+        self.adapter = dense.adapter
+        self.fits: list[BranchFit] = []
+
+    def narrowed(self, kind: str, layer: int) -> bool:
+        full = self.dense.layout.attention_width if kind == "attention" else self.dense.layout.mlp_width
+        return layer not in self.plan.removed(kind) and self.plan.width(kind)[layer] < full
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        widest = max(
+            [self.plan.mlp_width[i] for i in range(self.plan.num_layers) if self.narrowed("mlp", i)]
+            + [
+                self.plan.attention_width[i]
+                for i in range(self.plan.num_layers)
+                if self.narrowed("attention", i)
+            ]
+            + [0]
+        )
+        if tokens.numel() < widest:
+            raise CompensationError(
+                f"compensation has {tokens.numel()} calibration tokens but a kept width of {widest} channels: the "
+                f"least-squares system is under-determined; give at least {4 * widest} tokens "
+                "(prune --compensate-tokens, compensate --tokens)"
+            )
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor, batch_size: int = 2, progress: bool = True) -> list[BranchFit]:
+        self._check_tokens(tokens)
+        self.dense.restore()
+        a, pruned = self.adapter, self.pruned
+        device = a.lm_head(pruned).weight.device
+        batches = [tokens[s : s + batch_size].to(device) for s in range(0, tokens.shape[0], batch_size)]
+        hidden, kwargs = self._layer_inputs(batches)
+        layers = a.layers(pruned)
+        for i in tqdm(range(len(layers)), desc="compensate", disable=not progress, leave=False):
+            for kind in ("attention", "mlp"):
+                if self.narrowed(kind, i):
+                    self._refit(kind, i, hidden, kwargs)
+            hidden = [_first(layers[i](h, **kw[i])) for h, kw in zip(hidden, kwargs, strict=True)]
+        return self.fits
+
+    def _layer_inputs(self, batches):
+        """Per batch: the pruned model's input to layer 0 and every layer's call arguments."""
+        a, pruned = self.adapter, self.pruned
+        hidden, kwargs = [], []
+        for ids in batches:
+            recorder = _LayerInputRecorder(a.layers(pruned))
+            try:
+                a.decoder(pruned)(input_ids=ids, use_cache=False)
+            finally:
+                recorder.remove()
+            hidden.append(recorder.inputs[0])
+            kwargs.append(recorder.kwargs)
+        return hidden, kwargs
+
+    def _refit(self, kind: str, i: int, hidden, kwargs) -> None:
+        a = self.adapter
+        pruned_layer, dense_layer = a.layers(self.pruned)[i], a.layers(self.dense.model)[i]
+        names = a.branch(kind)
+        out_name = a.o_proj if kind == "attention" else a.mlp_out_proj
+        dense_branch = getattr(dense_layer, names.module)
+        pruned_branch = getattr(pruned_layer, names.module)
+        dense_out = getattr(dense_branch, out_name)
+        gram = _GramOfInput(dense_out)
+        replay = pruned_branch.register_forward_pre_hook(_replay_into(dense_branch), with_kwargs=True)
+        try:
+            for h, kw in zip(hidden, kwargs, strict=True):
+                pruned_layer(h, **kw[i])
+        finally:
+            replay.remove()
+            gram.remove()
+        pruned_out = getattr(pruned_branch, out_name)
+        kept = pruned_out.in_features
+        w_new = ridge_refit(dense_out.weight, gram.gram, kept, self.settings.damping)
+        fit = BranchFit(
+            layer=i,
+            kind=kind,
+            kept=kept,
+            full=dense_out.in_features,
+            error_before=reconstruction_error(dense_out.weight, dense_out.weight[:, :kept], gram.gram),
+            error_after=reconstruction_error(dense_out.weight, w_new, gram.gram),
+        )
+        # a new tensor, never an in-place write: the pruned model may share storage with the dense one
+        pruned_out.weight = nn.Parameter(w_new.to(pruned_out.weight.dtype), requires_grad=False)
+        self.fits.append(fit)
+        log.debug("layer %d %s: error %.4g -> %.4g", i, kind, fit.error_before, fit.error_after)
+
+
+def compensation_summary(fits: list[BranchFit], settings: CompensateSettings, tokens: torch.Tensor) -> dict:
+    """What the plan records about a compensation: settings, tokens and how much error it removed."""
+    before = sum(f.error_before for f in fits)
+    after = sum(f.error_after for f in fits)
+    return {
+        "damping": settings.damping,
+        "tokens": int(tokens.numel()),
+        "branches": len(fits),
+        "error_ratio": after / before if before else 1.0,
+    }
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def compensate(
+    dense: PrunableModel,
+    pruned: nn.Module,
+    plan: PruningPlan,
+    tokens: torch.Tensor,
+    settings: CompensateSettings | None = None,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> list[BranchFit]:
+    """Refit the out-projections of every narrowed branch of ``pruned`` (see the module docstring)."""
+    return Compensator(dense, pruned, plan, settings or CompensateSettings()).run(
+        tokens, batch_size, progress
+    )

@@ -1,0 +1,166 @@
+"""Closed-form compensation: a no-op when nothing is narrowed, the least-squares optimum when something is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from multipruner import PruningPlan, extract, prepare_dense, save_pruned
+from multipruner.compensate import (
+    CompensateSettings,
+    CompensationError,
+    compensate,
+    reconstruction_error,
+    ridge_refit,
+)
+from multipruner.export import load_pruned
+
+
+def _tokens(vocab: int, n: int = 6, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _narrow_plan(layout) -> PruningPlan:
+    unit = layout.heads.unit_channels
+    return (
+        PruningPlan.dense(layout)
+        .with_width("mlp", 0, layout.mlp_width // 2)
+        .with_width("attention", 1, max(unit, layout.attention_width - unit))
+        .without_block("mlp", 2)
+    )
+
+
+def test_a_plan_that_narrows_nothing_leaves_outputs_unchanged(tiny_model, token_ids):
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)  # removes, narrows nothing
+    pruned = extract(prunable, plan)
+    before = pruned(token_ids).logits
+    fits = compensate(prunable, pruned, plan, _tokens(tiny_model.config.vocab_size), progress=False)
+    assert fits == []
+    assert torch.equal(pruned(token_ids).logits, before)
+
+
+def test_ridge_refit_without_damping_is_the_least_squares_solution():
+    torch.manual_seed(0)
+    x_full = torch.randn(500, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    w_full = torch.randn(7, 12, dtype=torch.float64)
+    gram = x_full.T @ x_full
+    w = ridge_refit(w_full, gram, kept=5, damping=0.0)
+    direct = torch.linalg.lstsq(x_full[:, :5], x_full @ w_full.T).solution.T  # min ||Y - X_k W^T||
+    assert torch.allclose(w, direct, atol=1e-8)
+    before = reconstruction_error(w_full, w_full[:, :5], gram)
+    after = reconstruction_error(w_full, w, gram)
+    assert after < before
+    assert after == pytest.approx(((x_full @ w_full.T - x_full[:, :5] @ w.T) ** 2).sum().item(), rel=1e-9)
+
+
+def test_compensation_lowers_every_narrowed_branch_error_to_the_optimum(tiny_model):
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    plan = _narrow_plan(prunable.layout)
+    pruned = extract(prunable, plan)
+    tokens = _tokens(tiny_model.config.vocab_size, n=8)
+    fits = compensate(prunable, pruned, plan, tokens, CompensateSettings(damping=0.0), progress=False)
+    assert {(f.kind, f.layer) for f in fits} == {("mlp", 0), ("attention", 1)}
+    for fit in fits:
+        assert fit.error_after <= fit.error_before
+        assert fit.error_after < fit.error_before * 0.999 or fit.error_before == 0
+
+
+def test_compensated_layer_equals_direct_lstsq_on_the_same_activations(tiny_llama):
+    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    layout = prunable.layout
+    plan = PruningPlan.dense(layout).with_width("mlp", 0, 24)  # layer 0 only: its inputs need no earlier fit
+    pruned = extract(prunable, plan)
+    tokens = _tokens(tiny_llama.config.vocab_size, n=8)
+    captured = []
+    dense_mlp = tiny_llama.model.layers[0].mlp
+    handle = dense_mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, 96)))
+    with torch.no_grad():
+        tiny_llama(tokens)
+    handle.remove()
+    x_full = torch.cat(captured).double()
+    w_full = dense_mlp.down_proj.weight.double()
+    direct = torch.linalg.lstsq(x_full[:, :24], x_full @ w_full.T).solution.T
+    compensate(prunable, pruned, plan, tokens, CompensateSettings(damping=0.0), progress=False)
+    got = pruned.model.layers[0].mlp.down_proj.weight.double()
+    assert torch.allclose(got, direct, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, w_full[:, :24])
+
+
+def test_compensated_model_saves_and_reloads_identically(tiny_model, token_ids, tmp_path):
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    dense_logits = tiny_model(token_ids).logits
+    plan = _narrow_plan(prunable.layout)
+    pruned = extract(prunable, plan)
+    compensate(prunable, pruned, plan, _tokens(tiny_model.config.vocab_size), progress=False)
+    save_pruned(pruned, None, tmp_path / "comp", plan, prunable.layout)
+    reloaded, _ = load_pruned(tmp_path / "comp")
+    assert rel_err(reloaded(token_ids).logits, pruned(token_ids).logits) < 1e-6
+    # the dense model it shares storage with is untouched
+    prunable.restore()
+    assert torch.equal(tiny_model(token_ids).logits, dense_logits)
+
+
+def test_bad_inputs_fail_clearly(tiny_llama):
+    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    plan = PruningPlan.dense(prunable.layout).with_width("mlp", 0, 48)
+    pruned = extract(prunable, plan)
+    with pytest.raises(CompensationError, match="damping must be 0 or more"):
+        compensate(prunable, pruned, plan, _tokens(128), CompensateSettings(damping=-1.0), progress=False)
+    with pytest.raises(CompensationError, match="under-determined; give at least 192 tokens"):
+        compensate(prunable, pruned, plan, _tokens(128, n=1, seqlen=20), progress=False)
+
+
+def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration_txt, tmp_path, capsys):
+    import json
+
+    from test_cli import prune_args
+
+    from multipruner.cli import main
+
+    run = tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--compensate")) == 0
+    manifest = json.loads((run / "run.json").read_text())
+    assert {"search", "compensate", "extract"} <= set(manifest["phases"])
+    saved = json.loads((run / "model" / "multipruner_plan.json").read_text())
+    compensation = saved["meta"]["compensation"]
+    assert compensation["branches"] > 0 and 0 < compensation["error_ratio"] < 1
+    from safetensors.torch import load_file
+
+    stored = load_file(run / "calibration.safetensors")
+    assert compensation["tokens"] == stored["block"].numel() + stored["width"].numel()  # the run's two sets
+    plain = tmp_path / "plain"
+    out = tmp_path / "compensated"
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(tiny_model_dir),
+                "--plan",
+                str(run / "plan.json"),
+                "--output",
+                str(plain),
+            ]
+        )
+        == 0
+    )
+    args = [
+        "compensate",
+        "--model",
+        str(tiny_model_dir),
+        "--plan",
+        str(run / "plan.json"),
+        "--output",
+        str(out),
+    ]
+    assert (
+        main([*args, "--calibration-dataset", str(calibration_txt), "--seqlen", "16", "--tokens", "512"]) == 0
+    )
+    assert "compensated" in capsys.readouterr().out
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    logits = {p: load_pruned(p)[0](ids).logits for p in (plain, out, run / "model")}
+    assert not torch.equal(logits[plain], logits[out])  # the refit changed the narrowed projections
+    assert main([*args, "--damping", "-1", "--overwrite"]) == 2
+    assert "damping must be 0 or more" in capsys.readouterr().err
