@@ -55,6 +55,19 @@ def test_ridge_refit_without_damping_is_the_least_squares_solution():
     assert after == pytest.approx(((x_full @ w_full.T - x_full[:, :5] @ w.T) ** 2).sum().item(), rel=1e-9)
 
 
+def test_damping_pulls_towards_plain_pruning_and_never_makes_the_fit_worse():
+    torch.manual_seed(1)
+    x_full = torch.randn(200, 10, dtype=torch.float64) * torch.linspace(0.1, 3, 10, dtype=torch.float64)
+    w_full = torch.randn(6, 10, dtype=torch.float64)
+    gram = x_full.T @ x_full
+    plain = reconstruction_error(w_full, w_full[:, :4], gram)
+    errors = [
+        reconstruction_error(w_full, ridge_refit(w_full, gram, 4, d), gram) for d in (0.0, 0.1, 10.0, 1e6)
+    ]
+    assert errors == sorted(errors) and errors[-1] <= plain
+    assert torch.allclose(ridge_refit(w_full, gram, 4, 1e9), w_full[:, :4], atol=1e-6)
+
+
 def test_compensation_lowers_every_narrowed_branch_error_to_the_optimum(tiny_model):
     prunable = prepare_dense(tiny_model, weight_reorder=True)
     plan = _narrow_plan(prunable.layout)

@@ -1,4 +1,4 @@
-"""Command-line interface: `multipruner prune | extract | compensate | inspect | eval | bench | report`.
+"""Command-line interface: `multipruner prune | extract | compensate | recover | inspect | eval | bench | report`.
 
 Flags come from the settings dataclasses (``cli_options``); ``prune`` also accepts the reference's flag
 spellings, so the authors' published commands run with only the program name changed.
@@ -243,6 +243,47 @@ def cmd_compensate(args) -> None:
     print(f"compensated {len(fits)} branches on {tokens.numel()} tokens; saved to {args.output}")
 
 
+def add_recover(sub) -> None:
+    from .models import ModelSettings
+    from .recover import RecoverSettings
+
+    p = sub.add_parser("recover", help="LoRA recovery fine-tuning of a pruned model, merged into its weights")
+    add_settings(p, ModelSettings, skip=("model",))
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="a pruned model directory")
+    p.add_argument("--output", required=True, help="where the recovered (merged) model goes")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    add_settings(p, RecoverSettings, title="recovery")
+    p.set_defaults(func=cmd_recover)
+
+
+def cmd_recover(args) -> None:
+    from .models import ModelSettings, is_pruned_dir
+    from .recover import RecoverSettings, recover
+
+    settings = settings_from_args(RecoverSettings, args)
+    settings.validate()
+    if not Path(args.model).is_dir() or not is_pruned_dir(Path(args.model)):
+        raise CliError(
+            f"{args.model} is not a pruned model directory (prune --extract or extract writes one)"
+        )
+    model = settings_from_args(ModelSettings, args, model=args.model)
+    summary = recover(
+        args.model,
+        args.output,
+        settings,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        dtype=model.torch_dtype(),
+        device=model.torch_device(),
+        progress=not args.quiet,
+    )
+    print(
+        f"recovered in {summary['steps']} steps: training loss {summary['first_loss']:.3f} -> "
+        f"{summary['last_loss']:.3f} (mean of the last 5); saved to {args.output} (adapter in {args.output}/adapter)"
+    )
+
+
 def add_inspect(sub) -> None:
     from .models import ModelSettings
 
@@ -410,7 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_prune, add_extract, add_compensate, add_inspect, add_eval, add_bench, add_report):
+    for add in (
+        add_prune,
+        add_extract,
+        add_compensate,
+        add_recover,
+        add_inspect,
+        add_eval,
+        add_bench,
+        add_report,
+    ):
         add(sub)
     return parser
 
