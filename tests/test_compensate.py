@@ -135,8 +135,8 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     run = tmp_path / "run"
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--compensate")) == 0
     manifest = json.loads((run / "run.json").read_text())
-    assert {"search", "compensate", "extract"} <= set(manifest["phases"])
-    saved = json.loads((run / "model" / "multipruner_plan.json").read_text())
+    assert {"search", "compensate"} <= set(manifest["phases"]) and "extract" not in manifest["phases"]
+    saved = json.loads((run / "model-compensated" / "multipruner_plan.json").read_text())
     compensation = saved["meta"]["compensation"]
     assert compensation["branches"] > 0 and 0 < compensation["error_ratio"] < 1
     from safetensors.torch import load_file
@@ -173,7 +173,7 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     )
     assert "compensated" in capsys.readouterr().out
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
-    logits = {p: load_pruned(p)[0](ids).logits for p in (plain, out, run / "model")}
+    logits = {p: load_pruned(p)[0](ids).logits for p in (plain, out, run / "model-compensated")}
     assert not torch.equal(logits[plain], logits[out])  # the refit changed the narrowed projections
     assert main([*args, "--damping", "-1", "--overwrite"]) == 2
     assert "damping must be 0 or more" in capsys.readouterr().err

@@ -138,3 +138,35 @@ def test_bad_recovery_inputs(pruned_dir, calibration_txt, tmp_path, capsys):
         _settings(calibration_txt, lr=0.0).validate()
     assert main(["recover", "--model", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "not a pruned model directory" in capsys.readouterr().err
+
+
+def test_prune_with_every_phase_evaluates_each_model_and_reports_them(
+    tiny_model_dir, calibration_txt, tmp_path
+):
+    from test_cli import prune_args
+
+    from multipruner.evaluation.results import EvalResult
+
+    run = tmp_path / "run"
+    phases = ["--compensate", "--recover", "--recover-max-steps", "3", "--recover-seqlen", "16"]
+    phases += ["--recover-data", str(calibration_txt), "--do-eval", "--eval-tasks", str(calibration_txt)]
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, *phases, "--eval-seqlen", "16")) == 0
+    manifest = json.loads((run / "run.json").read_text())
+    assert {"search", "compensate", "extract", "recover", "evaluate", "report"} <= set(manifest["phases"])
+    assert manifest["phases"]["recover"]["from"] == "compensated"
+    ppl = {
+        w: EvalResult.read(run / f"eval_{w}.json").tasks["calib"]["ppl"].value
+        for w in ("dense", "pruned", "compensated", "recovered")
+    }
+    assert len(set(ppl.values())) == 4  # four different models were measured
+    report = (run / "report.md").read_text()
+    section = report.split("## Winning back quality", 1)[1].split("##", 1)[0]
+    assert "| Metric | Dense | Pruned | Compensated | Recovered |" in section
+    assert f"{ppl['compensated']:.2f}" in section and f"{ppl['recovered']:.2f}" in section
+    # resuming does nothing twice
+    mtimes = {p: p.stat().st_mtime for p in run.glob("eval_*.json")}
+    assert (
+        main(prune_args(tiny_model_dir, run, calibration_txt, *phases, "--eval-seqlen", "16", "--resume"))
+        == 0
+    )
+    assert {p: p.stat().st_mtime for p in run.glob("eval_*.json")} == mtimes

@@ -45,6 +45,7 @@ def add_prune(sub) -> None:
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
     from .pipeline import RunOptions
+    from .recover import RecoverSettings
     from .search import SearchSettings
 
     p = sub.add_parser("prune", help="search what to remove (blocks, MLP channels, heads); extract, evaluate")
@@ -54,6 +55,7 @@ def add_prune(sub) -> None:
     add_settings(p, CalibrationSettings, title="calibration")
     add_settings(p, EvalSettings, prefix="eval-", title="evaluation (with --do-eval)")
     add_settings(p, CompensateSettings, prefix="compensate-", title="compensation (with --compensate)")
+    add_settings(p, RecoverSettings, prefix="recover-", title="LoRA recovery (with --recover)")
     ref = p.add_argument_group("the reference's flags with nothing to set here")
     ref.add_argument("--do_prune", "--do-prune", action="store_true", help="run the search (always done)")
     ref.add_argument("--importance_metric", "--importance-metric", choices=["ppl"], default="ppl")
@@ -71,6 +73,7 @@ def cmd_prune(args) -> None:
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
     from .pipeline import PruneJob, RunOptions, prune
+    from .recover import RecoverSettings
     from .search import SearchSettings
 
     if args.do_eval and not args.do_prune and args.pruned_model_config_file:
@@ -86,6 +89,7 @@ def cmd_prune(args) -> None:
         search=settings_from_args(SearchSettings, args),
         evaluation=settings_from_args(EvalSettings, args, prefix="eval-"),
         compensation=settings_from_args(CompensateSettings, args, prefix="compensate-"),
+        recovery=settings_from_args(RecoverSettings, args, prefix="recover-"),
         run=settings_from_args(RunOptions, args),
         progress=not args.quiet,
     )
@@ -96,6 +100,7 @@ def cmd_prune(args) -> None:
 def prune_summary(run) -> str:
     """The before/after table a prune run ends with, from what it wrote."""
     from .evaluation.results import EvalResult
+    from .run_dir import MODEL_STAGES
     from .tables import render_table
 
     manifest = run.manifest()
@@ -107,21 +112,25 @@ def prune_summary(run) -> str:
         ("calibration ppl, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
         ("calibration ppl, width set", f"{dense.ppl_width:.3f}", f"{final.get('width', float('nan')):.3f}"),
     ]
-    files = {w: run.eval_file(w) for w in ("dense", "pruned")}
-    if all(f.is_file() for f in files.values()):
-        ev = {w: EvalResult.read(f) for w, f in files.items()}
-        for task in ev["pruned"].tasks:
-            if task not in ev["dense"].tasks:
-                continue
-            name, value = ev["pruned"].headline(task)
-            base = ev["dense"].headline(task)[1]
+    evals = {
+        w: EvalResult.read(run.eval_file(w)) for w in ("dense", *MODEL_STAGES) if run.eval_file(w).is_file()
+    }
+    header = ("", "dense", "pruned")
+    if "dense" in evals and len(evals) > 1:
+        stages = [w for w in evals if w != "dense"]
+        header = ("", "dense", *stages)
+        rows = [(*row, *[""] * (len(stages) - 1)) for row in rows]
+        for task in evals["dense"].tasks:
+            name, base = evals["dense"].headline(task)
             scale, spec = (1, ".2f") if name == "ppl" else (100, ".1f")
-            rows.append(
-                (f"{task} {name}", format(base.value * scale, spec), format(value.value * scale, spec))
-            )
+            values = [
+                format(evals[w].headline(task)[1].value * scale, spec) if task in evals[w].tasks else "—"
+                for w in stages
+            ]
+            rows.append((f"{task} {name}", format(base.value * scale, spec), *values))
     steps = manifest.phases.get("search", {}).get("steps", 0)
     lines = [
-        render_table(("", "dense", "pruned"), rows),
+        render_table(header, rows),
         f"pruning ratio {plan.ratio(layout):.2f}% after {steps} steps; run directory {run.path}",
         "plan: " + json.dumps(plan.to_reference()),
     ]

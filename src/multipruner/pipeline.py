@@ -23,12 +23,13 @@ from .calibration import CalibrationSettings
 from .compensate import CompensateSettings, compensate, compensation_summary
 from .errors import UsageError
 from .evaluation.runner import EvalSettings
-from .export import extract, prepare_dense, save_pruned
+from .export import extract, load_pruned, prepare_dense, save_pruned
 from .faults import crash_point
 from .layout import ModelLayout, layout_of
 from .models import ModelSettings, describe_source
 from .plan import PruningPlan
-from .run_dir import DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
+from .recover import RecoverSettings, recover
+from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
 from .scoring import CalibrationScorer, LossSettings
 from .search import SearchConfigError, SearchSettings, StepRecord, run_search
 from .settings import differences, setting, to_dict
@@ -55,7 +56,12 @@ class RunOptions:
     extract: bool = setting(False, help="save the pruned model to <run>/model", affects_result=False)
     compensate: bool = setting(
         False,
-        help="refit the narrowed branches' output projections in closed form before saving (implies --extract)",
+        help="also save a compensated model: narrowed branches' output projections refit in closed form",
+        affects_result=False,
+    )
+    recover: bool = setting(
+        False,
+        help="also save a LoRA-recovered model (from the compensated one with --compensate)",
         affects_result=False,
     )
     do_eval: bool = setting(
@@ -78,6 +84,7 @@ class PruneJob:
     search: SearchSettings = field(default_factory=SearchSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     compensation: CompensateSettings = field(default_factory=CompensateSettings)
+    recovery: RecoverSettings = field(default_factory=RecoverSettings)
     run: RunOptions = field(default_factory=RunOptions)
     progress: bool = True
 
@@ -93,6 +100,8 @@ class PruneJob:
             self.evaluation.validate()
         if self.run.compensate:
             self.compensation.validate()
+        if self.run.recover:
+            self.recovery.validate()
 
 
 class RunContext:
@@ -104,7 +113,6 @@ class RunContext:
         self.layout: ModelLayout | None = None
         self.search: SearchSettings | None = None
         self.plan: PruningPlan | None = None
-        self.pruned = None
         self.calibration: dict[str, torch.Tensor] | None = None
 
     def load(self) -> None:
@@ -120,15 +128,20 @@ class RunContext:
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))
 
-    def saved_or_extracted(self):
-        """The pruned model as the run saved it (compensated or recovered ones only exist there), or
-        extracted now when the run saves none."""
-        if ExtractPhase().wanted(self.job) and ExtractPhase().done(self):
-            from .export import load_pruned
+    def stages(self) -> list[str]:
+        """The models this job makes, in order (the plain pruned one always)."""
+        wanted = {"compensated": self.job.run.compensate, "recovered": self.job.run.recover}
+        return [stage for stage in MODEL_STAGES if stage == "pruned" or wanted[stage]]
 
+    def stage_model(self, stage: str):
+        """A stage's model as the run saved it; the plain pruned one is extracted when not saved."""
+        path = self.run.stage_dir(stage)
+        if path.is_dir():
             return load_pruned(
-                self.run.model_dir, dtype=self.job.model.torch_dtype(), device=self.job.model.torch_device()
+                path, dtype=self.job.model.torch_dtype(), device=self.job.model.torch_device()
             )[0]
+        if stage != "pruned":
+            raise RunDirError(f"{path} is missing: run the {stage} phase first")
         return extract(self.prunable, self.current_plan())
 
     def current_plan(self) -> PruningPlan:
@@ -243,7 +256,7 @@ class SearchPhase(Phase):
 
 
 class CompensatePhase(Phase):
-    """Closed-form refit of the narrowed branches (``compensate.py``); its result is saved by extract."""
+    """Closed-form refit of the narrowed branches (``compensate.py``), saved as model-compensated/."""
 
     name = "compensate"
 
@@ -253,17 +266,17 @@ class CompensatePhase(Phase):
     def done(self, ctx: RunContext) -> bool:
         facts = ctx.run.manifest().phases.get(self.name, {})
         same = facts.get("settings") == to_dict(ctx.job.compensation)
-        return super().done(ctx) and same and ExtractPhase().done(ctx)
+        return super().done(ctx) and same and ctx.run.stage_dir("compensated").is_dir()
 
     def run(self, ctx: RunContext) -> dict:
         ctx.load()
         plan = ctx.current_plan()
         calibration = ctx.run.load_calibration()
         tokens = ctx.job.compensation.calibration_tokens(ctx.job.calibration, calibration, ctx.tokenizer)
-        ctx.pruned = extract(ctx.prunable, plan)
+        pruned = extract(ctx.prunable, plan)
         fits = compensate(
             ctx.prunable,
-            ctx.pruned,
+            pruned,
             plan,
             tokens,
             ctx.job.compensation,
@@ -271,7 +284,10 @@ class CompensatePhase(Phase):
             progress=ctx.job.progress,
         )
         summary = compensation_summary(fits, ctx.job.compensation, tokens)
-        ctx.plan = replace(plan, meta={**plan.meta, "compensation": summary})
+        saved = replace(plan, meta={**plan.meta, "compensation": summary})
+        save_pruned(
+            pruned, ctx.tokenizer, ctx.run.stage_dir("compensated"), saved, ctx.layout, overwrite=True
+        )
         return {"settings": to_dict(ctx.job.compensation), "plan": plan_fingerprint(plan), **summary}
 
 
@@ -279,26 +295,53 @@ class ExtractPhase(Phase):
     name = "extract"
 
     def wanted(self, job: PruneJob) -> bool:
-        return job.run.extract or job.run.compensate
+        return job.run.extract or job.run.recover
 
     def done(self, ctx: RunContext) -> bool:
-        return super().done(ctx) and ctx.run.model_dir.is_dir()
+        return super().done(ctx) and ctx.run.stage_dir("pruned").is_dir()
 
     def run(self, ctx: RunContext) -> dict:
         ctx.load()
-        if ctx.pruned is None:  # compensation, when asked for, has just built it
-            ctx.pruned = extract(ctx.prunable, ctx.current_plan())
-        save_pruned(ctx.pruned, ctx.tokenizer, ctx.run.model_dir, ctx.plan, ctx.layout, overwrite=True)
-        return {"path": str(ctx.run.model_dir), "plan": plan_fingerprint(ctx.plan)}
+        pruned = extract(ctx.prunable, ctx.current_plan())
+        save_pruned(pruned, ctx.tokenizer, ctx.run.stage_dir("pruned"), ctx.plan, ctx.layout, overwrite=True)
+        return {"path": str(ctx.run.stage_dir("pruned")), "plan": plan_fingerprint(ctx.plan)}
 
 
 class RecoverPhase(Phase):
-    """LoRA recovery fine-tuning (issue: win back quality); not implemented yet."""
+    """LoRA recovery (``recover.py``) of the last model made so far, saved as model-recovered/."""
 
     name = "recover"
 
     def wanted(self, job: PruneJob) -> bool:
-        return False
+        return job.run.recover
+
+    def done(self, ctx: RunContext) -> bool:
+        facts = ctx.run.manifest().phases.get(self.name, {})
+        same = facts.get("settings") == to_dict(ctx.job.recovery) and facts.get("from") == self.source(ctx)
+        return super().done(ctx) and same and ctx.run.stage_dir("recovered").is_dir()
+
+    def source(self, ctx: RunContext) -> str:
+        return "compensated" if ctx.job.run.compensate else "pruned"
+
+    def run(self, ctx: RunContext) -> dict:
+        model = ctx.job.model
+        summary = recover(
+            ctx.run.stage_dir(self.source(ctx)),
+            ctx.run.stage_dir("recovered"),
+            ctx.job.recovery,
+            resume=True,
+            overwrite=True,
+            dtype=model.torch_dtype(),
+            device=model.torch_device(),
+            progress=ctx.job.progress,
+        )
+        return {
+            "settings": to_dict(ctx.job.recovery),
+            "from": self.source(ctx),
+            "plan": plan_fingerprint(ctx.current_plan()),
+            "first_loss": summary["first_loss"],
+            "last_loss": summary["last_loss"],
+        }
 
 
 class EvaluatePhase(Phase):
@@ -310,18 +353,17 @@ class EvaluatePhase(Phase):
     def done(self, ctx: RunContext) -> bool:
         phase = ctx.run.manifest().phases.get(self.name, {})
         same = super().done(ctx) and phase.get("settings") == to_dict(ctx.job.evaluation)
-        return same and all(ctx.run.eval_file(w).is_file() for w in ("dense", "pruned"))
+        return same and all(ctx.run.eval_file(w).is_file() for w in ("dense", *ctx.stages()))
 
     def run(self, ctx: RunContext) -> dict:
         from .evaluation.runner import evaluate
 
         ctx.load()
         plan = ctx.current_plan()
-        if ctx.pruned is None:
-            ctx.pruned = ctx.saved_or_extracted()
         ctx.prunable.restore()
         dense_params = ctx.layout.dense_params()
-        for which, model in (("dense", ctx.model), ("pruned", ctx.pruned)):
+        for which in ("dense", *ctx.stages()):
+            model = ctx.model if which == "dense" else ctx.stage_model(which)
             result = evaluate(
                 model,
                 ctx.tokenizer,
@@ -331,6 +373,7 @@ class EvaluatePhase(Phase):
                 progress=ctx.job.progress,
             )
             result.write(ctx.run.eval_file(which))
+            ctx.prunable.restore()
         return {"settings": to_dict(ctx.job.evaluation), "plan": plan_fingerprint(plan)}
 
 

@@ -7,7 +7,9 @@ Files (each written atomically; the step log appended with fsync):
   plan.json                the plan after the last finished step (PruningPlan, with the model's layout)
   pruning_config.json      the same plan in the reference's format (an export; never read back)
   model/                   the extracted pruned model
-  eval_dense.json, eval_pruned.json   EvalResult of each model (with a CSV beside each)
+  model-compensated/       the same after closed-form compensation (prune --compensate)
+  model-recovered/         after LoRA recovery (prune --recover)
+  eval_<model>.json        EvalResult of the dense model and of each stage above (a CSV beside each)
   bench.json               speed comparison written by ``multipruner bench --output``
   report.md, *.png         the report
 """
@@ -33,7 +35,9 @@ from .plan import PlanError, PruningPlan
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "multipruner-run/2"
-EVAL_FILES = {"dense": "eval_dense.json", "pruned": "eval_pruned.json"}
+# the models a run can hold, in the order they are made; each has its directory and its evaluation file
+MODEL_STAGES = ("pruned", "compensated", "recovered")
+STAGE_DIRS = {"pruned": "model", "compensated": "model-compensated", "recovered": "model-recovered"}
 
 
 class RunDirError(UsageError):
@@ -276,4 +280,10 @@ class RunDirectory:
 
     # --- evaluation and speed -----------------------------------------------------------------
     def eval_file(self, which: str) -> Path:
-        return self.path / EVAL_FILES[which]
+        """``which``: "dense" or a stage."""
+        if which != "dense" and which not in MODEL_STAGES:
+            raise ValueError(f"internal: no evaluation file for {which!r}")
+        return self.path / f"eval_{which}.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / STAGE_DIRS[stage]

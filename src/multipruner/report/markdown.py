@@ -153,6 +153,32 @@ def comparison_rows(run: RunData) -> list[tuple[str, str, str, str]]:
     return rows + _speed_rows(run.bench)
 
 
+def stage_rows(run: RunData) -> list[tuple[str, ...]]:
+    """One row per measure, one column per model: dense, then each stage the run made."""
+    columns = [("dense", run.eval_dense), *run.stage_evals]
+    results = [r for _, r in columns if r is not None]
+    rows: list[tuple[str, ...]] = []
+    for task in perplexity_tasks(*results):
+        cells = [metric_of(r, task, "ppl") if r is not None else None for _, r in columns]
+        rows.append((f"{task_label(task)} perplexity", *(fmt(None if m is None else m.value) for m in cells)))
+    for task in accuracy_tasks(*results):
+        metric = comparison_metric(task, *results[:2])
+        cells = [metric_of(r, task, metric) if r is not None else None for _, r in columns]
+        rows.append(
+            (
+                f"{task_label(task)} {metric} (%)",
+                *(MISSING if m is None else fmt_percent(m.value, m.stderr) for m in cells),
+            )
+        )
+    shared = shared_accuracy_tasks(*results)
+    if len(shared) > 1:
+        means = [r.mean_accuracy(shared) if r is not None else None for _, r in columns]
+        rows.append(
+            (f"{mean_label(shared)} (%)", *(MISSING if m is None else fmt_percent(*m) for m in means))
+        )
+    return rows
+
+
 def _speed_rows(bench: Mapping | None) -> list[tuple[str, str, str, str]]:
     if not bench:
         return []
@@ -226,6 +252,10 @@ def render_markdown(run: RunData, figures: Mapping[str, str]) -> str:
     parts = [f"# MultiPruner report: `{run.run_dir.name}`", "", "## Summary", "", *summary_lines(run), ""]
     parts += ["## Dense vs pruned", "", render_table(COMPARISON_HEADER, comparison_rows(run), markdown=True)]
     parts += ["", *(f"{note}\n" for note in _notes(run))]
+    if len(run.stage_evals) > 1:
+        header = ("Metric", "Dense", *(stage.capitalize() for stage, _ in run.stage_evals))
+        parts += ["## Winning back quality: pruned → compensated → recovered", ""]
+        parts += [render_table(header, stage_rows(run), markdown=True), ""]
     if figures:
         parts += ["## Figures", ""]
         for name, caption in figures.items():

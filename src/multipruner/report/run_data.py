@@ -15,7 +15,7 @@ from pathlib import Path
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..layout import ModelLayout
 from ..plan import PlanError, PruningPlan
-from ..run_dir import DenseRecord, RunDirectory, RunDirError, RunManifest
+from ..run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
 from ..search import STAGES, StepRecord
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,12 @@ def metric_of(result: EvalResult | None, task: str, metric: str) -> Metric | Non
     return None if result is None else result.tasks.get(task, {}).get(metric)
 
 
-def shared_accuracy_tasks(dense: EvalResult | None, pruned: EvalResult | None) -> list[str]:
-    """Accuracy tasks both models ran: the only ones a mean may compare."""
-    if dense is None or pruned is None:
+def shared_accuracy_tasks(*results: EvalResult | None) -> list[str]:
+    """Accuracy tasks every model ran: the only ones a mean may compare."""
+    if not results or any(r is None for r in results):
         return []
-    theirs = set(pruned.accuracy_tasks())
-    return [t for t in accuracy_tasks(dense) if t in theirs]
+    common = set.intersection(*(set(r.accuracy_tasks()) for r in results))
+    return [t for t in accuracy_tasks(results[0]) if t in common]
 
 
 def mean_label(tasks: list[str]) -> str:
@@ -94,6 +94,8 @@ class RunData:
     eval_dense: EvalResult | None
     eval_pruned: EvalResult | None
     bench: dict | None
+    # every stage's evaluation that the run holds, in order (pruned, compensated, recovered)
+    stage_evals: tuple[tuple[str, EvalResult], ...] = ()
 
     @property
     def dense_params(self) -> int | None:
@@ -184,6 +186,11 @@ def load_run(run_dir: str | Path) -> RunData:
         eval_dense=_eval(directory.eval_file("dense")),
         eval_pruned=_eval(directory.eval_file("pruned")),
         bench=_bench(directory.bench_file),
+        stage_evals=tuple(
+            (stage, result)
+            for stage in MODEL_STAGES
+            if (result := _eval(directory.eval_file(stage))) is not None
+        ),
     )
 
 
