@@ -134,11 +134,14 @@ def test_bench_and_report_cli(tiny_model_dir, calibration_txt, tmp_path, capsys)
     records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
     searched = [r for r in records if r["step"] != -1]
     assert len(searched) >= 2 and len(records) == len(searched) + 1  # the dense record, then the steps
-    table = report.split("## Search steps\n", 1)[1].splitlines()
+    table = report.split("## Search steps\n", 1)[1].split("## Settings")[0].splitlines()
     rows = [line.strip("|").split("|") for line in table if line.startswith("| ")][2:]  # past the header
     assert [(row[0].strip(), row[1].strip()) for row in rows] == [("dense", "—")] + [
         (str(r["step"]), r["stage"]) for r in searched
     ]
     assert rows[-1][4].strip() == f"{searched[-1]['ratio']:.2f}"
+    # the settings section shows what run.json records, a new setting included with no report change
+    settings = report.split("## Settings\n", 1)[1]
+    assert "| search | target_ratio | `25.0` |" in settings and "| search | distribution | `50:50:0` |" in settings
     for png in ("trajectory.png", "structure.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

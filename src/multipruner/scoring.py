@@ -220,6 +220,7 @@ class CalibrationScorer:
             ppl=ppl,
             partial_ppl=[run.partial_ppl(k) for k in range(len(plans))],
             sequences=[run.sequences_scored(k) for k in range(len(plans))],
+            sequence_nll=[run.sequence_nll(k) if run.nll[k] else torch.empty(0) for k in range(len(plans))],
             skipped_batches=skipped,
             total_batches=len(batches) * len(plans),
         )
@@ -232,6 +233,7 @@ class StepScores:
     ppl: list[float | None]  # None: eliminated before seeing every sequence
     partial_ppl: list[float]  # perplexity on the sequences each candidate was scored on
     sequences: list[int]  # sequences each candidate was scored on
+    sequence_nll: list[torch.Tensor]  # each candidate's mean NLL per sequence scored, in sequence order
     skipped_batches: int  # candidate-batches not run thanks to racing
     total_batches: int
 

@@ -246,6 +246,22 @@ def step_rows(run: RunData) -> list[tuple[str, ...]]:
     return rows
 
 
+def settings_rows(run: RunData) -> list[tuple[str, str, str]]:
+    """Every recorded setting, group by group, as run.json holds them (so a new setting shows itself)."""
+    if run.manifest is None:
+        return []
+    rows = []
+    for group, values in run.manifest.settings.items():
+        for key, value in values.items():
+            shown = (
+                ":".join(f"{v:g}" for v in value)
+                if isinstance(value, list) and key == "distribution"
+                else value
+            )
+            rows.append((group, key, MISSING if shown is None else f"`{shown}`"))
+    return rows
+
+
 # --- the page ------------------------------------------------------------------------------------
 def render_markdown(run: RunData, figures: Mapping[str, str]) -> str:
     """The report page; ``figures`` maps each written PNG's file name to its caption."""
@@ -263,4 +279,11 @@ def render_markdown(run: RunData, figures: Mapping[str, str]) -> str:
     parts += ["## Search steps", ""]
     rows = step_rows(run)
     parts.append(render_table(STEPS_HEADER, rows, "rllrrr", markdown=True) if rows else "No steps recorded.")
+    if settings := settings_rows(run):
+        parts += [
+            "",
+            "## Settings",
+            "",
+            render_table(("group", "setting", "value"), settings, "lll", markdown=True),
+        ]
     return "\n".join(parts) + "\n"
