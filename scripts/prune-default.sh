@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job: prune the embedded SmolLM2-135M by 10% (44:52:4), extract
-# the pruned model, evaluate dense vs pruned, write the report. Extra arguments go to `multipruner prune`.
+# Set up (if needed) and run the main job: prune the embedded SmolLM2-135M by 10% (44:52:4), save the pruned
+# model and a compensated one (closed-form refit, no training), write the report. Resumable: run it again
+# after a kill. Extra arguments go to `multipruner prune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,5 +9,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 run=${RUN_DIR:-runs/smollm2-135m-10pct}
 .venv/bin/multipruner prune --model smollm2-135m --output_path "$run" --weight_reorder \
   --target_ratio 10 --pruning_distribution 44:52:4 --mlp_channel_group_size 128 --attn_channel_group_size 192 \
-  --extract --resume "$@"
-.venv/bin/multipruner report "$run"
+  --extract --compensate --resume "$@"

@@ -125,6 +125,18 @@ def test_existing_run_needs_resume(tiny_model_dir, calibration_txt, tmp_path, ca
     assert "settings differ (target_ratio: 30.0 -> 20.0)" in capsys.readouterr().err
 
 
+def test_resume_starts_a_new_run_but_not_in_a_foreign_directory(tiny_model_dir, calibration_txt, tmp_path, capsys):
+    """The main job always passes --resume: a fresh directory starts (its own lock file does not count)."""
+    run = tmp_path / "fresh"
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "1", "--resume")) == 0
+    assert (run / "run.json").is_file()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(prune_args(tiny_model_dir, foreign, calibration_txt, "--resume")) == 2
+    assert "not a multipruner run" in capsys.readouterr().err
+
+
 def _run_cli(args, env):
     return subprocess.run(
         [sys.executable, "-m", "multipruner.cli", *args],

@@ -42,9 +42,9 @@ CALIBRATION_SPLITS = {
 }
 SOURCE_SEPARATOR = "+"
 # Defaults chosen by measurement on held-out text (docs/quality.md).
-DEFAULT_BLOCK_TOKENS = 8192
+DEFAULT_BLOCK_TOKENS = 4096
 DEFAULT_WIDTH_TOKENS = 4096
-DEFAULT_SEQLEN = 1024
+DEFAULT_SEQLEN = 512
 # Below this many tokens a set's perplexity is too noisy to rank candidates on (docs/quality.md).
 SANE_MIN_TOKENS = 4096
 

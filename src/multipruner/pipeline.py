@@ -406,7 +406,7 @@ PHASES: tuple[Phase, ...] = (
 def start_or_resume(job: PruneJob, run: RunDirectory) -> None:
     """Write run.json for a new run, or check a resumed run's settings against the stored ones."""
     if not run.exists():
-        if job.run.resume and run.path.exists() and any(run.path.iterdir()):
+        if job.run.resume and run.holds_other_files():
             raise RunDirError(
                 f"--resume: {run.path} is not a multipruner run (no run.json); choose the run's directory"
             )

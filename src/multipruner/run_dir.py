@@ -154,11 +154,16 @@ class RunDirectory:
         self.reference_file = self.path / "pruning_config.json"
         self.model_dir = self.path / "model"
         self.bench_file = self.path / "bench.json"
+        self.lock_file = self.path / ".lock"
         self._lock_handle = None
 
     # --- the manifest ---------------------------------------------------------------------
     def exists(self) -> bool:
         return self.manifest_file.is_file()
+
+    def holds_other_files(self) -> bool:
+        """Whether the directory holds anything besides our own lock (someone else's files)."""
+        return self.path.is_dir() and any(p != self.lock_file for p in self.path.iterdir())
 
     def manifest(self) -> RunManifest:
         if not self.exists():
@@ -182,7 +187,7 @@ class RunDirectory:
     def lock(self) -> None:
         """Take the directory for this process (released when it exits); refuse if another holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the life of the process
+        handle = open(self.lock_file, "a+")  # noqa: SIM115 - held for the life of the process
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,273 @@
+"""Quality of MultiPruner against the baselines inside the same tool: one table, every cell measured.
+
+Cells: models x methods (multipruner, blockpruner, shortgpt) x ratios, plus each model's dense row. A cell
+runs ``multipruner prune`` (search only) into its own run directory, then evaluates the pruned model on
+text the search never saw: WikiText-2 test and PTB test perplexity, and zero-shot accuracy (lm-eval) on
+PIQA, ARC-Easy, HellaSwag, BoolQ and OpenBookQA, all with the same settings. Every cell is written to
+the JSON file as soon as it finishes; a cell already there is not recomputed (delete it to redo it), and
+a killed search resumes from its last step. The Markdown table and the figure are rebuilt from the JSON.
+
+    .venv/bin/python benchmarks/quality.py                      # everything (many hours on 2 CPU cores)
+    .venv/bin/python benchmarks/quality.py --models smollm2-135m --ratios 10
+    .venv/bin/python benchmarks/quality.py --table-only         # rebuild docs/quality.md from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from multipruner.calibration import CalibrationSettings
+from multipruner.evaluation.results import EvalResult
+from multipruner.evaluation.runner import EvalSettings, evaluate
+from multipruner.export import extract, prepare_dense
+from multipruner.io_utils import atomic_write_bytes, atomic_write_text
+from multipruner.models import ModelSettings
+from multipruner.pipeline import PruneJob, RunOptions, prune
+from multipruner.run_dir import RunDirectory
+from multipruner.search import SearchSettings
+from multipruner.settings import to_dict
+from multipruner.tables import render_table
+
+log = logging.getLogger("quality")
+
+PPL_TASKS = ("wikitext2", "ptb")
+ZERO_SHOT = ("piqa", "arc_easy", "hellaswag", "boolq", "openbookqa")
+METHODS = ("multipruner", "blockpruner", "shortgpt")
+LABELS = {
+    "wikitext2": "WikiText-2",
+    "ptb": "PTB",
+    "piqa": "PIQA",
+    "arc_easy": "ARC-e",
+    "hellaswag": "HellaSwag",
+}
+LABELS |= {"boolq": "BoolQ", "openbookqa": "OBQA"}
+
+
+def cell_key(model: str, method: str, ratio: float | None) -> str:
+    return f"{model}/{method}" + ("" if ratio is None else f"/{ratio:g}")
+
+
+def eval_settings(args) -> EvalSettings:
+    return EvalSettings(
+        tasks=[*PPL_TASKS, *ZERO_SHOT],
+        limit=args.limit,
+        seqlen=args.eval_seqlen,
+        max_windows=args.max_windows,
+    )
+
+
+def search_settings(args, method: str, ratio: float, model: str) -> SearchSettings:
+    extra = json.loads(args.search_overrides).get(model, {})
+    return SearchSettings(method=method, target_ratio=ratio, **extra)
+
+
+def run_cell(args, model: str, method: str, ratio: float) -> dict:
+    run_dir = Path(args.runs) / model / f"{method}-{ratio:g}"
+    search = search_settings(args, method, ratio, model)
+    job = PruneJob(
+        model=ModelSettings(model=model, device="cpu"),
+        calibration=CalibrationSettings(),
+        search=search,
+        run=RunOptions(output_path=str(run_dir), resume=RunDirectory(run_dir).exists()),
+        progress=False,
+    )
+    prune(job)
+    run = RunDirectory(run_dir)
+    plan, layout = run.plan()
+    steps = run.step_records()
+    model_obj, tokenizer = job.model.load()
+    prunable = prepare_dense(model_obj, plan.weight_reorder)
+    pruned = extract(prunable, plan)
+    result = evaluate(
+        pruned, tokenizer, eval_settings(args), name=str(run_dir), dense_params=layout.dense_params()
+    )
+    overrides = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in json.loads(args.search_overrides).get(model, {}).items()
+    )
+    return {
+        "model": model,
+        "method": method,
+        "target_ratio": ratio,
+        "ratio": plan.ratio(layout),
+        "params": plan.num_params(layout),
+        "dense_params": layout.dense_params(),
+        "search_s": sum(s.get("elapsed_s", 0.0) for s in steps),
+        "steps": len(steps),
+        "plan": plan.to_reference(),
+        "calibration": to_dict(job.calibration),
+        "eval": result.to_dict(),
+        "commands": [
+            f"multipruner prune --model {model} --method {method} --target-ratio {ratio:g} "
+            f"--output-path {run_dir} {overrides}".strip(),
+            f"multipruner eval --model {model} --plan {run_dir}/plan.json {eval_flags(args)}",
+        ],
+    }
+
+
+def eval_flags(args) -> str:
+    flags = f"--tasks {','.join((*PPL_TASKS, *ZERO_SHOT))} --limit {args.limit} --seqlen {args.eval_seqlen}"
+    return flags + (f" --max-windows {args.max_windows}" if args.max_windows else "")
+
+
+def run_dense(args, model: str) -> dict:
+    settings = ModelSettings(model=model, device="cpu")
+    dense, tokenizer = settings.load()
+    result = evaluate(dense, tokenizer, eval_settings(args), name=model)
+    params = sum(p.numel() for p in dense.parameters())
+    return {
+        "model": model,
+        "method": "dense",
+        "target_ratio": 0.0,
+        "ratio": 0.0,
+        "params": params,
+        "dense_params": params,
+        "eval": result.to_dict(),
+        "commands": [f"multipruner eval --model {model} {eval_flags(args)}"],
+    }
+
+
+# --- the table -----------------------------------------------------------------------------------------
+def _fmt_acc(metric) -> str:
+    if metric is None:
+        return "—"
+    error = "" if metric.stderr is None else f" ± {100 * metric.stderr:.1f}"
+    return f"{100 * metric.value:.1f}{error}"
+
+
+def table_rows(cells: list[dict], model: str) -> list[list[str]]:
+    rows = []
+    ordered = sorted(
+        (c for c in cells if c["model"] == model),
+        key=lambda c: (c["target_ratio"], (["dense", *METHODS]).index(c["method"])),
+    )
+    for cell in ordered:
+        result = EvalResult.from_dict(cell["eval"])
+        ppl = [f"{result.tasks[t]['ppl'].value:.2f}" if t in result.tasks else "—" for t in PPL_TASKS]
+        accs = [_fmt_acc(result.headline(t)[1]) if t in result.tasks else "—" for t in ZERO_SHOT]
+        mean = result.mean_accuracy(ZERO_SHOT)
+        avg = "—" if mean is None else f"{100 * mean[0]:.2f}" + (f" ± {100 * mean[1]:.2f}" if mean[1] else "")
+        search = "—" if cell.get("search_s") is None else f"{cell['search_s'] / 60:.0f} min"
+        rows.append(
+            [
+                cell["method"],
+                f"{cell['target_ratio']:g} %" if cell["method"] != "dense" else "—",
+                f"{cell['ratio']:.2f} %",
+                *ppl,
+                *accs,
+                avg,
+                search,
+            ]
+        )
+    return rows
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    models = sorted({c["model"] for c in cells})
+    fig = Figure(figsize=(5.2 * len(PPL_TASKS), 3.6 * len(models)), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(models), len(PPL_TASKS), squeeze=False)
+    for row, model in enumerate(models):
+        dense = next((c for c in cells if c["model"] == model and c["method"] == "dense"), None)
+        for col, task in enumerate(PPL_TASKS):
+            ax = axes[row][col]
+            for method in METHODS:
+                points = sorted(
+                    (c["ratio"], EvalResult.from_dict(c["eval"]).tasks[task]["ppl"].value)
+                    for c in cells
+                    if c["model"] == model and c["method"] == method
+                )
+                if dense:
+                    points.insert(0, (0.0, EvalResult.from_dict(dense["eval"]).tasks[task]["ppl"].value))
+                if len(points) > int(dense is not None):
+                    ax.plot(*zip(*points, strict=True), marker="o", label=method)
+            ax.set_yscale("log")
+            ax.set_title(f"{model}: {LABELS[task]} test")
+            ax.set_xlabel("parameters removed (%)")
+            ax.set_ylabel("perplexity (log scale)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    buffer = __import__("io").BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_markdown(cells: list[dict], args) -> None:
+    header = ["method", "target", "removed", *(LABELS[t] for t in PPL_TASKS), *(LABELS[t] for t in ZERO_SHOT)]
+    header += ["avg acc", "search"]
+    lines = [
+        "# Quality: MultiPruner against the baselines, same data, same extraction, same evaluation",
+        "",
+        f"Produced by `benchmarks/quality.py`; the raw numbers are in `{Path(args.json).name}`.",
+        "",
+    ]
+    for model in sorted({c["model"] for c in cells}):
+        lines += [f"## {model}", "", render_table(header, table_rows(cells, model), markdown=True), ""]
+    lines += ["![perplexity vs ratio](img/quality-perplexity.png)", ""]
+    atomic_write_text(Path(args.markdown), "\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default="10,20")
+    parser.add_argument("--runs", default="runs/quality", help="run directories of the searches")
+    parser.add_argument("--json", default="docs/quality.json")
+    parser.add_argument("--markdown", default="docs/quality-table.md")
+    parser.add_argument("--figure", default="docs/img/quality-perplexity.png")
+    parser.add_argument(
+        "--limit", type=int, default=200, help="examples per zero-shot task (the same everywhere)"
+    )
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument(
+        "--max-windows", type=int, default=None, help="perplexity windows per text (default all)"
+    )
+    parser.add_argument(
+        "--search-overrides",
+        default="{}",
+        help='JSON: per-model SearchSettings fields, e.g. {"gemma3-270m": {...}}',
+    )
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    path = Path(args.json)
+    cells = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.table_only:
+        for model in args.models.split(","):
+            jobs = [(model, "dense", None)] + [
+                (model, method, float(r))
+                for r in args.ratios.split(",")
+                for method in args.methods.split(",")
+            ]
+            for model_name, method, ratio in jobs:
+                key = cell_key(model_name, method, ratio)
+                if key in cells:
+                    continue
+                started = time.perf_counter()
+                log.info("cell %s", key)
+                cell = (
+                    run_dense(args, model_name)
+                    if method == "dense"
+                    else run_cell(args, model_name, method, ratio)
+                )
+                cell["wall_s"] = time.perf_counter() - started
+                cell["eval_settings"] = dataclasses.asdict(eval_settings(args))
+                cells[key] = cell
+                atomic_write_text(path, json.dumps(cells, indent=1) + "\n")
+                log.info("cell %s done in %.0f min", key, cell["wall_s"] / 60)
+    ordered = list(cells.values())
+    if ordered:
+        plot(ordered, Path(args.figure))
+        write_markdown(ordered, args)
+
+
+if __name__ == "__main__":
+    main()
