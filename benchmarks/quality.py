@@ -33,7 +33,6 @@ from multipruner.models import ModelSettings
 from multipruner.pipeline import PruneJob, RunOptions, prune
 from multipruner.run_dir import RunDirectory
 from multipruner.search import SearchSettings
-from multipruner.settings import to_dict
 from multipruner.tables import render_table
 
 log = logging.getLogger("quality")
@@ -70,27 +69,33 @@ def search_settings(args, method: str, ratio: float, model: str) -> SearchSettin
 
 
 def run_cell(args, model: str, method: str, ratio: float) -> dict:
-    run_dir = Path(args.runs) / model / f"{method}-{ratio:g}"
-    search = search_settings(args, method, ratio, model)
-    job = PruneJob(
-        model=ModelSettings(model=model, device="cpu"),
-        calibration=CalibrationSettings(),
-        search=search,
-        run=RunOptions(output_path=str(run_dir), resume=RunDirectory(run_dir).exists()),
-        progress=False,
-    )
-    prune(job)
+    key = cell_key(model, method, ratio)
+    reused = dict(item.split("=", 1) for item in args.reuse)
+    run_dir = Path(reused.get(key) or Path(args.runs) / Path(model).name / f"{method}-{ratio:g}")
+    overrides = json.loads(args.search_overrides).get(model, {})
+    if key in reused:  # a finished search made elsewhere (e.g. the main job): evaluate its plan as it is
+        command = f"(search reused from {run_dir})"
+    else:
+        job = PruneJob(
+            model=ModelSettings(model=model, device="cpu"),
+            calibration=CalibrationSettings(),
+            search=SearchSettings(method=method, target_ratio=ratio, **overrides),
+            run=RunOptions(output_path=str(run_dir), resume=RunDirectory(run_dir).exists()),
+            progress=False,
+        )
+        prune(job)
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        command = f"multipruner prune --model {model} --method {method} --target-ratio {ratio:g} " + (
+            f"--output-path {run_dir} {flags}".strip()
+        )
     run = RunDirectory(run_dir)
+    manifest = run.manifest()
     plan, layout = run.plan()
     steps = run.step_records()
-    model_obj, tokenizer = job.model.load()
-    prunable = prepare_dense(model_obj, plan.weight_reorder)
-    pruned = extract(prunable, plan)
+    model_obj, tokenizer = ModelSettings(model=model, device="cpu").load()
+    pruned = extract(prepare_dense(model_obj, plan.weight_reorder), plan)
     result = evaluate(
         pruned, tokenizer, eval_settings(args), name=str(run_dir), dense_params=layout.dense_params()
-    )
-    overrides = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in json.loads(args.search_overrides).get(model, {}).items()
     )
     return {
         "model": model,
@@ -102,11 +107,12 @@ def run_cell(args, model: str, method: str, ratio: float) -> dict:
         "search_s": sum(s.get("elapsed_s", 0.0) for s in steps),
         "steps": len(steps),
         "plan": plan.to_reference(),
-        "calibration": to_dict(job.calibration),
+        # what the search really used, from the run's own record
+        "calibration": manifest.settings.get("calibration"),
+        "search": manifest.settings.get("search"),
         "eval": result.to_dict(),
         "commands": [
-            f"multipruner prune --model {model} --method {method} --target-ratio {ratio:g} "
-            f"--output-path {run_dir} {overrides}".strip(),
+            command,
             f"multipruner eval --model {model} --plan {run_dir}/plan.json {eval_flags(args)}",
         ],
     }
@@ -234,6 +240,14 @@ def main() -> None:
         "--search-overrides",
         default="{}",
         help='JSON: per-model SearchSettings fields, e.g. {"gemma3-270m": {...}}',
+    )
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="CELL=RUN_DIR",
+        help="evaluate a finished run directory as this cell instead of searching, "
+        "e.g. smollm2-135m/multipruner/10=runs/smollm2-135m-10pct",
     )
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()

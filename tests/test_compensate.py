@@ -177,3 +177,73 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     assert not torch.equal(logits[plain], logits[out])  # the refit changed the narrowed projections
     assert main([*args, "--damping", "-1", "--overwrite"]) == 2
     assert "damping must be 0 or more" in capsys.readouterr().err
+
+
+# --- removed blocks: a least-squares map folded into the kept projection before them -------------------
+def test_fold_for_a_removed_block_equals_direct_lstsq_on_dense_activations(tiny_llama):
+    """Layer 1's attention removed: layer 0's down_proj absorbs T = lstsq(M0, Y - R0); nothing earlier changed,
+    so the pruned model's layer-0 activations are the dense ones."""
+    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)
+    pruned = extract(prunable, plan)
+    tokens = _tokens(tiny_llama.config.vocab_size, n=8)
+    layers, seen = tiny_llama.model.layers, {}
+    hooks = [
+        layers[0].post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.setdefault("r", a[0])),
+        layers[0].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("m", out)),
+        layers[1].post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0])),
+    ]
+    with torch.no_grad():
+        tiny_llama(tokens)
+    for h in hooks:
+        h.remove()
+    d = tiny_llama.config.hidden_size
+    m, wanted = seen["m"].reshape(-1, d).double(), (seen["y"] - seen["r"]).reshape(-1, d).double()
+    direct = torch.linalg.lstsq(m, wanted).solution
+    w_dense = layers[0].mlp.down_proj.weight.double().clone()
+
+    fits = compensate(
+        prunable, pruned, plan, tokens, CompensateSettings(damping=0.0, blocks=True), progress=False
+    )
+    assert len(fits) == 1 and fits[0].layer == 0 and "attention 1" in fits[0].kind
+    assert fits[0].error_after < fits[0].error_before
+    got = pruned.model.layers[0].mlp.down_proj.weight.double()
+    assert torch.allclose(got, direct.T @ w_dense, rtol=1e-4, atol=1e-5)
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == tuple(w_dense.shape)  # no new parameters
+
+
+def test_folding_spans_and_reload(tiny_llama, token_ids, tmp_path):
+    """Consecutive removed branches (mlp 2, then all of layer 3) are one span after the attention before them;
+    the saved model keeps its shapes and reloads."""
+    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    plan = _narrow_plan(prunable.layout).without_block("attention", 3).without_block("mlp", 3)
+    pruned = extract(prunable, plan)
+    shapes = {n: p.shape for n, p in pruned.named_parameters()}
+    settings = CompensateSettings(blocks=True)
+    fits = compensate(prunable, pruned, plan, _tokens(tiny_llama.config.vocab_size), settings, progress=False)
+    folds = [f for f in fits if "stands in" in f.kind]
+    assert [(f.layer, f.kind) for f in folds] == [
+        (2, "attention (stands in for removed mlp 2, attention 3, mlp 3)")
+    ]
+    assert all(f.error_after <= f.error_before for f in fits)
+    assert {n: p.shape for n, p in pruned.named_parameters()} == shapes
+    save_pruned(pruned, None, tmp_path / "comp", plan, prunable.layout)
+    reloaded, _ = load_pruned(tmp_path / "comp")
+    assert rel_err(reloaded(token_ids).logits, pruned(token_ids).logits) < 1e-6
+
+
+def test_folding_is_refused_where_branch_outputs_are_normalised(tiny_model):
+    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)
+    pruned = extract(prunable, plan)
+    settings = CompensateSettings(blocks=True)
+    if type(tiny_model).__name__.startswith("Gemma3"):
+        with pytest.raises(CompensationError, match="normalises its attention and mlp output"):
+            compensate(
+                prunable, pruned, plan, _tokens(tiny_model.config.vocab_size), settings, progress=False
+            )
+    else:  # every Llama-style family folds
+        fits = compensate(
+            prunable, pruned, plan, _tokens(tiny_model.config.vocab_size), settings, progress=False
+        )
+        assert [f.layer for f in fits] == [0]

@@ -20,6 +20,16 @@ Layers are done in order, each on the hidden states the already-compensated prun
 (sequential: later layers see the errors of earlier ones), attention before MLP within a layer. The
 targets are the dense branch's outputs on those same inputs (a local reconstruction, FLAP/SlimGPT style).
 No parameter is added: only the kept out-projection weights change, so the saved model keeps its shape.
+
+Removed blocks (``blocks=True``, ReplaceMe-style): a removed branch leaves the residual stream as it was,
+where the dense model added the branch's output. The kept branch just before it (a projection whose
+output ``m`` is added straight to the residual ``r``) can absorb a linear map ``T`` (hidden x hidden):
+
+    T = argmin_T  sum_t ||r + m T - y||^2 + lambda ||T - I||^2 = (M^T M + lambda I)^-1 (M^T (Y - R) + lambda I)
+
+with ``y`` the dense removed branch(es) applied to ``r + m``. ``m T`` is ``x (T^T W)^T``, so ``T`` folds
+into that projection's weight (and bias): no new parameter. Damping pulls towards ``T = I`` (no change).
+Families that normalise a branch's output before adding it (Gemma 3) cannot fold a linear map this way.
 """
 
 from __future__ import annotations
@@ -51,6 +61,11 @@ class CompensateSettings:
     )
     tokens: int | None = setting(
         None, help="calibration tokens for compensation (default: the run's block and width sets together)"
+    )
+    blocks: bool = setting(
+        False,
+        help="also stand in for each removed block: fold a least-squares linear map into the kept "
+        "output projection just before it (ReplaceMe-style, no new parameters)",
     )
 
     def calibration_tokens(self, calibration, stored: dict | None, tokenizer) -> torch.Tensor:
@@ -150,6 +165,30 @@ class Compensator:
         self.dense, self.pruned, self.plan, self.settings = dense, pruned, plan, settings
         self.adapter = dense.adapter
         self.fits: list[BranchFit] = []
+        if settings.blocks:
+            self._check_foldable()
+
+    def _check_foldable(self) -> None:
+        post_normed = [k for k in ("attention", "mlp") if len(self.adapter.branch(k).norms) > 1]
+        if post_normed:
+            raise CompensationError(
+                f"--compensate-blocks: {type(self.dense.model).__name__} normalises its "
+                f"{' and '.join(post_normed)} output before adding it to the residual, so no linear map "
+                "can be folded into the projection before a removed block; compensate without it"
+            )
+
+    def _branch_order(self) -> list[tuple[int, str]]:
+        return [(i, kind) for i in range(self.plan.num_layers) for kind in ("attention", "mlp")]
+
+    def removed_after(self, layer: int, kind: str) -> list[tuple[int, str]]:
+        """The removed branches that directly follow branch ``(layer, kind)``, in order."""
+        order = self._branch_order()
+        span = []
+        for j, k in order[order.index((layer, kind)) + 1 :]:
+            if j not in self.plan.removed(k):
+                break
+            span.append((j, k))
+        return span
 
     def narrowed(self, kind: str, layer: int) -> bool:
         full = self.dense.layout.attention_width if kind == "attention" else self.dense.layout.mlp_width
@@ -165,6 +204,8 @@ class Compensator:
             ]
             + [0]
         )
+        if self.settings.blocks and any(self.plan.removed(k) for k in ("attention", "mlp")):
+            widest = max(widest, self.dense.layout.hidden_size)  # each fold solves a hidden x hidden system
         if tokens.numel() < widest:
             raise CompensationError(
                 f"compensation has {tokens.numel()} calibration tokens but a kept width of {widest} channels: the "
@@ -185,6 +226,10 @@ class Compensator:
             for kind in ("attention", "mlp"):
                 if self.narrowed(kind, i):
                     self._refit(kind, i, hidden, kwargs)
+                if self.settings.blocks and i not in self.plan.removed(kind):
+                    span = self.removed_after(i, kind)
+                    if span:
+                        self._fold(kind, i, span, hidden, kwargs)
             hidden = [_first(layers[i](h, **kw[i])) for h, kw in zip(hidden, kwargs, strict=True)]
         return self.fits
 
@@ -234,6 +279,88 @@ class Compensator:
         self.fits.append(fit)
         log.debug("layer %d %s: error %.4g -> %.4g", i, kind, fit.error_before, fit.error_after)
 
+    def _dense_branch(self, layer: int, kind: str, residual: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The residual after the dense model's ``(layer, kind)`` branch adds its output to ``residual``."""
+        dense_layer = self.adapter.layers(self.dense.model)[layer]
+        names = self.adapter.branch(kind)
+        x = getattr(dense_layer, names.norms[0])(residual)
+        module = getattr(dense_layer, names.module)
+        out = _first(module(hidden_states=x, **kwargs)) if kind == "attention" else module(x)
+        return residual + out
+
+    def _fold(self, kind: str, i: int, span: list[tuple[int, str]], hidden, kwargs) -> None:
+        a = self.adapter
+        layer = a.layers(self.pruned)[i]
+        names = a.branch(kind)
+        branch = getattr(layer, names.module)
+        proj = getattr(branch, a.o_proj if kind == "attention" else a.mlp_out_proj)
+        d = proj.out_features
+        gram = torch.zeros(d, d, dtype=torch.float64, device=proj.weight.device)
+        cross = torch.zeros_like(gram)
+        target_norm = 0.0
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            getattr(layer, names.norms[0]).register_forward_pre_hook(
+                lambda m, args: seen.__setitem__("residual", args[0])
+            ),
+            branch.register_forward_hook(lambda m, args, out: seen.__setitem__("out", _first(out))),
+        ]
+        try:
+            for h, kw in zip(hidden, kwargs, strict=True):
+                layer(h, **kw[i])
+                residual, out = seen["residual"], seen["out"]
+                target = residual + out
+                for j, k in span:
+                    target = self._dense_branch(j, k, target, kw[j])
+                m = out.reshape(-1, d).double()
+                wanted = (target - residual).reshape(-1, d).double()
+                gram += m.T @ m
+                cross += m.T @ wanted
+                target_norm += float((wanted * wanted).sum())
+        finally:
+            for hook in hooks:
+                hook.remove()
+        transform = fold_transform(gram, cross, self.settings.damping)
+        eye = torch.eye(d, dtype=torch.float64, device=gram.device)
+        fit = BranchFit(
+            layer=i,
+            kind=f"{kind} (stands in for removed {', '.join(f'{k} {j}' for j, k in span)})",
+            kept=d,
+            full=d,
+            error_before=fold_error(eye, gram, cross, target_norm),
+            error_after=fold_error(transform, gram, cross, target_norm),
+        )
+        # m T = x W^T T = x (T^T W)^T: the map becomes part of the projection (new tensors, never in place)
+        proj.weight = nn.Parameter(
+            (transform.T @ proj.weight.double()).to(proj.weight.dtype), requires_grad=False
+        )
+        if proj.bias is not None:
+            proj.bias = nn.Parameter(
+                (proj.bias.double() @ transform).to(proj.bias.dtype), requires_grad=False
+            )
+        self.fits.append(fit)
+        log.debug(
+            "layer %d %s folds %s: error %.4g -> %.4g", i, kind, span, fit.error_before, fit.error_after
+        )
+
+
+def fold_transform(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """``T = (M^T M + lambda I)^-1 (M^T D + lambda I)``, ``lambda = damping * mean(diag(M^T M))``."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    lam = damping * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+    if info.item() != 0:
+        raise CompensationError(
+            "the output of the projection before a removed block is rank-deficient on the calibration "
+            "tokens; raise --damping above 0"
+        )
+    return torch.cholesky_solve(cross + lam * eye, factor)
+
+
+def fold_error(transform: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, target_norm: float) -> float:
+    """``sum_t ||m T - d||^2`` from ``M^T M``, ``M^T D`` and ``sum ||d||^2`` alone."""
+    return float((transform.T @ gram @ transform).trace() - 2 * (transform.T @ cross).trace() + target_norm)
+
 
 def compensation_summary(fits: list[BranchFit], settings: CompensateSettings, tokens: torch.Tensor) -> dict:
     """What the plan records about a compensation: settings, tokens and how much error it removed."""
@@ -241,6 +368,7 @@ def compensation_summary(fits: list[BranchFit], settings: CompensateSettings, to
     after = sum(f.error_after for f in fits)
     return {
         "damping": settings.damping,
+        "blocks": settings.blocks,
         "tokens": int(tokens.numel()),
         "branches": len(fits),
         "error_ratio": after / before if before else 1.0,
