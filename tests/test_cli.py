@@ -125,7 +125,9 @@ def test_existing_run_needs_resume(tiny_model_dir, calibration_txt, tmp_path, ca
     assert "settings differ (target_ratio: 30.0 -> 20.0)" in capsys.readouterr().err
 
 
-def test_resume_starts_a_new_run_but_not_in_a_foreign_directory(tiny_model_dir, calibration_txt, tmp_path, capsys):
+def test_resume_starts_a_new_run_but_not_in_a_foreign_directory(
+    tiny_model_dir, calibration_txt, tmp_path, capsys
+):
     """The main job always passes --resume: a fresh directory starts (its own lock file does not count)."""
     run = tmp_path / "fresh"
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "1", "--resume")) == 0
@@ -244,7 +246,7 @@ def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):
     [
         (["--target_ratio", "0"], "target ratio"),
         (["--target_ratio", "100"], "target ratio"),
-        (["--mlp_channel_group_size", "40"], "divide the MLP width"),
+        (["--mlp_channel_group_size", "96"], "leaves nothing of the width 96"),
         (["--attn_channel_group_size", "16"], "whole KV groups"),
         (["--seqlen", "4096"], "longer than the model's context"),
     ],

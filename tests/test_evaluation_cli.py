@@ -142,6 +142,9 @@ def test_bench_and_report_cli(tiny_model_dir, calibration_txt, tmp_path, capsys)
     assert rows[-1][4].strip() == f"{searched[-1]['ratio']:.2f}"
     # the settings section shows what run.json records, a new setting included with no report change
     settings = report.split("## Settings\n", 1)[1]
-    assert "| search | target_ratio | `25.0` |" in settings and "| search | distribution | `50:50:0` |" in settings
+    assert (
+        "| search | target_ratio | `25.0` |" in settings
+        and "| search | distribution | `50:50:0` |" in settings
+    )
     for png in ("trajectory.png", "structure.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

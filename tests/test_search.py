@@ -92,7 +92,7 @@ def test_stage_targets_and_overshoot(tiny_llama):
         (dict(target_ratio=100.0), "target ratio"),
         (dict(distribution=(1.0, -1.0, 1.0)), "distribution"),
         (dict(distribution=(1.0, 1.0)), "distribution"),
-        (dict(mlp_group_size=7), "divide the MLP width"),
+        (dict(mlp_group_size=96), "leaves nothing of the width 96"),
         (dict(attention_group_size=16), "whole KV groups"),  # llama_gqa: units of 4 heads x 8 dims = 32
     ],
 )
@@ -100,6 +100,40 @@ def test_bad_settings_fail_fast(tiny_llama, kw, message):
     prunable = prepare_dense(tiny_llama, weight_reorder=False)
     with pytest.raises(SearchConfigError, match=message):
         _settings(prunable, **kw).validate(prunable.layout)
+
+
+@pytest.mark.parametrize(
+    "published",
+    [
+        # (the published command's MLP width, its group): the tiny model's 96 / 40 leaves the same kind of
+        # remainder (less than one group) that both leave: 18944 = 18 x 1024 + 512, 8192 = 10 x 768 + 512
+        ("Qwen2.5-7B", 18944, 1024),
+        ("Llama-3.2-3B", 8192, 768),
+    ],
+)
+def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llama, token_ids, published):
+    """The reference shrinks a width by the group while something remains; its published plans hold such widths."""
+    from multipruner import PruningPlan, extract
+
+    name, width, group = published
+    assert 0 < width % group < group and 0 < 96 % 40 < 40
+    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
+    loss = LossSettings(batch_size=2)
+    scorers = {kind: CalibrationScorer(prunable, tokens, loss) for kind in ("block", "width")}
+    settings = _settings(prunable, target_ratio=25.0, distribution=(0, 100, 0), mlp_group_size=40)
+    settings.validate(prunable.layout)
+    plans = []
+    run_search(prunable, scorers, settings, on_step=lambda rec, plan: plans.append(plan), progress=False)
+    widths = set(plans[-1].mlp_width)
+    assert widths <= {96, 56, 16} and widths & {56, 16}
+    # a published-style plan (a width that is the remainder) reads and extracts like any other
+    plan = PruningPlan.from_reference({"pruned_mlp_width": {"1": 16, "2": 56}}, prunable.layout)
+    with prunable.trial(plan):
+        masked = tiny_llama(token_ids).logits
+    pruned = extract(prunable, plan)
+    assert pruned.model.layers[1].mlp.down_proj.in_features == 16
+    assert torch.allclose(pruned(token_ids).logits, masked, atol=1e-5)
 
 
 def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):

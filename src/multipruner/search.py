@@ -181,18 +181,21 @@ class SearchSettings:
 
     def validate(self, layout: ModelLayout) -> None:
         problems = self._problems_without_model()
-        g, full = self.mlp_group_size or 0, layout.mlp_width
-        if g > 0 and full % g:
-            problems.append(f"MLP channel group size {g} must be positive and divide the MLP width {full}")
+        # A group need not divide the width (the reference's published commands use such sizes): a width
+        # shrinks by the group while something remains, e.g. 18944 by 1024 down to 512.
+        for flag, g, full in (
+            ("--mlp-group-size", self.mlp_group_size, layout.mlp_width),
+            ("--attention-group-size", self.attention_group_size, layout.attention_width),
+        ):
+            if g is not None and g >= full:
+                problems.append(f"{flag} {g} leaves nothing of the width {full}: choose a smaller group")
         unit = layout.heads.unit_channels
-        g, full = self.attention_group_size or 0, layout.attention_width
+        g = self.attention_group_size or 0
         if g > 0 and g % unit:
             problems.append(
                 f"attention channel group size {g} must be a multiple of {unit} "
                 f"({layout.heads.q_heads_per_unit} query heads x head_dim {layout.head_dim}: whole KV groups)"
             )
-        elif g > 0 and full % g:
-            problems.append(f"attention channel group size {g} must divide the attention width {full}")
         if problems:
             raise SearchConfigError("invalid search settings:\n  - " + "\n  - ".join(problems))
 
