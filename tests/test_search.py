@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -134,6 +136,27 @@ def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llam
     pruned = extract(prunable, plan)
     assert pruned.model.layers[1].mlp.down_proj.in_features == 16
     assert torch.allclose(pruned(token_ids).logits, masked, atol=1e-5)
+
+
+def test_a_step_where_every_candidate_is_inf_or_nan_fails_clearly(tiny_llama, monkeypatch):
+    """The reference then picks arbitrarily (and crashes later); we stop and say why."""
+    from multipruner.scoring import StepScores
+    from multipruner.search import SearchDivergedError
+
+    def diverged(self, plans, *args, **kwargs):
+        n = len(plans)
+        bad = [math.inf, math.nan] * n
+        return StepScores(bad[:n], bad[:n], [2] * n, [torch.zeros(2)] * n, 0, n)
+
+    assert StepScores([math.nan, 3.0, math.inf], [0.0] * 3, [1] * 3, [], 0, 3).best() == 1  # NaN never wins
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
+    scorers = {
+        kind: CalibrationScorer(prunable, tokens, LossSettings(batch_size=2)) for kind in ("block", "width")
+    }
+    monkeypatch.setattr(CalibrationScorer, "score", diverged)
+    with pytest.raises(SearchDivergedError, match="step 0 \\(block\\): every candidate has a non-finite"):
+        run_search(prunable, scorers, _settings(prunable), progress=False)
 
 
 def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):

@@ -240,7 +240,11 @@ class StepScores:
     def best(self) -> int:
         """Index of the lowest perplexity (the first one on ties)."""
         finished = [k for k, p in enumerate(self.ppl) if p is not None]
-        return min(finished, key=lambda k: (self.ppl[k], k))
+        return min(finished, key=lambda k: (_nan_last(self.ppl[k]), k))
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
 class _StepRun:

@@ -9,6 +9,7 @@ target; the last step may overshoot and the next stage starts from the ratio rea
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +25,10 @@ from .settings import setting
 from .surgery import PrunableModel
 
 log = logging.getLogger(__name__)
+
+
+class SearchDivergedError(UsageError):
+    """A step cannot choose: every candidate scored an infinite or NaN perplexity."""
 
 
 class SearchConfigError(UsageError):
@@ -347,6 +352,13 @@ def run_search(
                     race=settings.race,
                 )
             best = scores.best()
+            if not math.isfinite(scores.ppl[best]):
+                raise SearchDivergedError(
+                    f"step {step} ({stage.name}): every candidate has a non-finite calibration perplexity "
+                    f"(best {scores.ppl[best]}), so there is nothing to choose between. The model overflows "
+                    "or has lost what it needs; try --dtype float32, a lower --target-ratio, or another "
+                    "--distribution (the steps before this one are saved in the run directory)."
+                )
             plan = plans[best]
             prunable.apply(plan)
             record = StepRecord(
