@@ -159,6 +159,41 @@ def test_a_step_where_every_candidate_is_inf_or_nan_fails_clearly(tiny_llama, mo
         run_search(prunable, scorers, _settings(prunable), progress=False)
 
 
+def test_reference_ratio_accounting_keeps_removed_blocks_norms_and_stops_a_step_later(tiny_llama):
+    """The authors' code keeps counting a removed block's norm; at a target between the two counts it takes
+    one more step (the 8.929 % / 100:0:0 case on SmolLM2, here on a tiny model with a hand count)."""
+    from multipruner import PruningPlan
+
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    layout = prunable.layout
+    plan = PruningPlan.dense(layout).without_block("attention", 1).without_block("mlp", 2)
+    # Llama: one RMSNorm of hidden_size (64) weights per branch, outside the branch's module
+    assert plan.num_params(layout, "reference") - plan.num_params(layout) == 2 * 64
+    tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
+    loss = LossSettings(batch_size=2)
+    scorers = {kind: CalibrationScorer(prunable, tokens, loss) for kind in ("block", "width")}
+    records = {}
+    first = []
+    run_search(
+        prunable,
+        scorers,
+        _settings(prunable, target_ratio=1.0, distribution=(100, 0, 0)),
+        on_step=lambda rec, p: first.append(p),
+        progress=False,
+    )
+    exact_r, reference_r = first[0].ratio(layout), first[0].ratio(layout, "reference")
+    assert reference_r < exact_r
+    target = (exact_r + reference_r) / 2  # reached by one removal in our count, not in the reference's
+    for accounting in ("exact", "reference"):
+        records[accounting] = steps = []
+        settings = _settings(
+            prunable, target_ratio=target, distribution=(100, 0, 0), ratio_accounting=accounting
+        )
+        run_search(prunable, scorers, settings, on_step=lambda rec, p, s=steps: s.append(rec), progress=False)
+    assert len(records["exact"]) == 1 and len(records["reference"]) == 2
+    assert records["reference"][0].choice == records["exact"][0].choice
+
+
 def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):
     import dataclasses
 

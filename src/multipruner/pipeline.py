@@ -246,7 +246,7 @@ class SearchPhase(Phase):
             "steps": len(run.step_records()),
         }
         ctx.prunable.restore()
-        if stopped_early and plan.ratio(ctx.layout) < ctx.search.target_ratio:
+        if stopped_early and plan.ratio(ctx.layout, ctx.search.ratio_accounting) < ctx.search.target_ratio:
             facts["stopped_at_max_steps"] = True
         return facts
 

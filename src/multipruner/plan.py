@@ -81,18 +81,24 @@ class PruningPlan:
         )
 
     # --- counting -----------------------------------------------------------------
-    def num_params(self, layout: ModelLayout) -> int:
+    def num_params(self, layout: ModelLayout, accounting: str = "exact") -> int:
+        """Parameters of the pruned model. ``accounting="reference"`` counts as the authors' code does:
+        a removed block's norms stay counted (they stay in its model), so it reaches a ratio a step later."""
         total = layout.non_layer_params
         for i in range(self.num_layers):
             if i not in self.removed_attention:
                 total += layout.attention_params(self.attention_width[i])
+            elif accounting == "reference":
+                total += layout.branch_norm_params("attention")
             if i not in self.removed_mlp:
                 total += layout.mlp_params(self.mlp_width[i])
+            elif accounting == "reference":
+                total += layout.branch_norm_params("mlp")
         return total
 
-    def ratio(self, layout: ModelLayout) -> float:
+    def ratio(self, layout: ModelLayout, accounting: str = "exact") -> float:
         """Pruning ratio in percent of all parameters (a tied head counts once)."""
-        return 100.0 * (1.0 - self.num_params(layout) / layout.dense_params())
+        return 100.0 * (1.0 - self.num_params(layout, accounting) / layout.dense_params())
 
     # --- validation ---------------------------------------------------------------
     def validate(self, layout: ModelLayout) -> None:

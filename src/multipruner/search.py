@@ -27,6 +27,9 @@ from .surgery import PrunableModel
 log = logging.getLogger(__name__)
 
 
+RATIO_ACCOUNTING = ("exact", "reference")
+
+
 class SearchDivergedError(UsageError):
     """A step cannot choose: every candidate scored an infinite or NaN perplexity."""
 
@@ -104,6 +107,12 @@ class SearchSettings:
     )
     weight_reorder: bool = setting(
         True, help="reorder channels by L1 importance before the search", aliases=("--weight_reorder",)
+    )
+    ratio_accounting: str = setting(
+        "exact",
+        help="exact: a removed block's norms leave with it (the saved model's real size); reference: they "
+        "stay counted, as in the authors' code (reproduces where its stages stop)",
+        choices=RATIO_ACCOUNTING,
     )
     search: str = setting(
         "exact",
@@ -320,7 +329,7 @@ def run_search(
     step = len(done_steps)
     targets = settings.stage_targets()
     for stage, target in zip(STAGES, targets, strict=True):
-        while plan.ratio(layout) < target:
+        while plan.ratio(layout, settings.ratio_accounting) < target:
             if settings.max_steps is not None and step >= settings.max_steps:
                 log.info("stopping after --max-steps %d", settings.max_steps)
                 return plan

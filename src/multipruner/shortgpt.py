@@ -81,7 +81,7 @@ def run_shortgpt(
     ranking = [{"kind": "layer", "op": "remove", "layer": i, "bi": scores[i]} for i in order]
     log.info("block influence, lowest first: %s", ", ".join(f"L{i} {scores[i]:.4f}" for i in order[:8]))
     for step, layer in enumerate(order):
-        if plan.ratio(layout) >= settings.target_ratio:
+        if plan.ratio(layout, settings.ratio_accounting) >= settings.target_ratio:
             break
         if len(plan.removed_attention) == layout.num_layers - 1:
             log.warning("stopping at %.2f%%: one layer must keep its attention", plan.ratio(layout))
