@@ -42,11 +42,11 @@ CALIBRATION_SPLITS = {
 }
 SOURCE_SEPARATOR = "+"
 # Defaults chosen by measurement on held-out text (docs/quality.md).
-DEFAULT_BLOCK_TOKENS = 4096
-DEFAULT_WIDTH_TOKENS = 4096
+DEFAULT_BLOCK_TOKENS = 2048
+DEFAULT_WIDTH_TOKENS = 1024
 DEFAULT_SEQLEN = 512
 # Below this many tokens a set's perplexity is too noisy to rank candidates on (docs/quality.md).
-SANE_MIN_TOKENS = 4096
+SANE_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
