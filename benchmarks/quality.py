@@ -40,6 +40,9 @@ log = logging.getLogger("quality")
 PPL_TASKS = ("wikitext2", "ptb")
 ZERO_SHOT = ("piqa", "arc_easy", "hellaswag", "boolq", "openbookqa")
 METHODS = ("multipruner", "blockpruner", "shortgpt")
+# a multipruner run's compensated model (prune --compensate): a row of its own, evaluated like the rest
+COMPENSATED = "multipruner+compensate"
+ROW_ORDER = ("dense", "multipruner", COMPENSATED, "blockpruner", "shortgpt")
 LABELS = {
     "wikitext2": "WikiText-2",
     "ptb": "PTB",
@@ -123,6 +126,32 @@ def eval_flags(args) -> str:
     return flags + (f" --max-windows {args.max_windows}" if args.max_windows else "")
 
 
+def run_compensated(args, model: str, ratio: float) -> dict:
+    """The compensated model a reused multipruner run saved (``model-compensated/``)."""
+    from multipruner.export import load_pruned
+
+    reused = dict(item.split("=", 1) for item in args.reuse)
+    run_dir = Path(reused[cell_key(model, "multipruner", ratio)])
+    saved = run_dir / "model-compensated"
+    pruned, tokenizer = load_pruned(saved)
+    plan, layout = RunDirectory(run_dir).plan()
+    result = evaluate(
+        pruned, tokenizer, eval_settings(args), name=str(saved), dense_params=layout.dense_params()
+    )
+    meta = json.loads((saved / "multipruner_plan.json").read_text())["meta"].get("compensation", {})
+    return {
+        "model": model,
+        "method": COMPENSATED,
+        "target_ratio": ratio,
+        "ratio": plan.ratio(layout),
+        "params": plan.num_params(layout),
+        "dense_params": layout.dense_params(),
+        "compensation": meta,
+        "eval": result.to_dict(),
+        "commands": [f"multipruner eval --model {saved} {eval_flags(args)}"],
+    }
+
+
 def run_dense(args, model: str) -> dict:
     settings = ModelSettings(model=model, device="cpu")
     dense, tokenizer = settings.load()
@@ -152,7 +181,7 @@ def table_rows(cells: list[dict], model: str) -> list[list[str]]:
     rows = []
     ordered = sorted(
         (c for c in cells if c["model"] == model),
-        key=lambda c: (c["target_ratio"], (["dense", *METHODS]).index(c["method"])),
+        key=lambda c: (c["target_ratio"], ROW_ORDER.index(c["method"])),
     )
     for cell in ordered:
         result = EvalResult.from_dict(cell["eval"])
@@ -184,7 +213,7 @@ def plot(cells: list[dict], path: Path) -> None:
         dense = next((c for c in cells if c["model"] == model and c["method"] == "dense"), None)
         for col, task in enumerate(PPL_TASKS):
             ax = axes[row][col]
-            for method in METHODS:
+            for method in (*METHODS, COMPENSATED):
                 points = sorted(
                     (c["ratio"], EvalResult.from_dict(c["eval"]).tasks[task]["ppl"].value)
                     for c in cells
@@ -267,11 +296,12 @@ def main() -> None:
                     continue
                 started = time.perf_counter()
                 log.info("cell %s", key)
-                cell = (
-                    run_dense(args, model_name)
-                    if method == "dense"
-                    else run_cell(args, model_name, method, ratio)
-                )
+                if method == "dense":
+                    cell = run_dense(args, model_name)
+                elif method == COMPENSATED:
+                    cell = run_compensated(args, model_name, ratio)
+                else:
+                    cell = run_cell(args, model_name, method, ratio)
                 cell["wall_s"] = time.perf_counter() - started
                 cell["eval_settings"] = dataclasses.asdict(eval_settings(args))
                 cells[key] = cell
