@@ -58,8 +58,9 @@ def cell_key(model: str, method: str, ratio: float | None) -> str:
 
 
 def eval_settings(args) -> EvalSettings:
+    """The evaluation of this invocation: ``args.tasks`` (only the tasks a cell still lacks, see main)."""
     return EvalSettings(
-        tasks=[*PPL_TASKS, *ZERO_SHOT],
+        tasks=list(args.tasks),
         limit=args.limit,
         seqlen=args.eval_seqlen,
         max_windows=args.max_windows,
@@ -122,7 +123,7 @@ def run_cell(args, model: str, method: str, ratio: float) -> dict:
 
 
 def eval_flags(args) -> str:
-    flags = f"--tasks {','.join((*PPL_TASKS, *ZERO_SHOT))} --limit {args.limit} --seqlen {args.eval_seqlen}"
+    flags = f"--tasks {','.join(args.tasks)} --limit {args.limit} --seqlen {args.eval_seqlen}"
     return flags + (f" --max-windows {args.max_windows}" if args.max_windows else "")
 
 
@@ -278,8 +279,15 @@ def main() -> None:
         help="evaluate a finished run directory as this cell instead of searching, "
         "e.g. smollm2-135m/multipruner/10=runs/smollm2-135m-10pct",
     )
+    parser.add_argument(
+        "--tasks",
+        default=",".join((*PPL_TASKS, *ZERO_SHOT)),
+        help="what to evaluate; a cell that already has some of them is evaluated on the others only",
+    )
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    args.tasks_requested = [t for t in args.tasks.split(",") if t]
+    args.tasks = args.tasks_requested
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     path = Path(args.json)
     cells = json.loads(path.read_text()) if path.is_file() else {}
@@ -292,10 +300,13 @@ def main() -> None:
             ]
             for model_name, method, ratio in jobs:
                 key = cell_key(model_name, method, ratio)
-                if key in cells:
+                wanted = args.tasks_requested
+                done = set(cells[key]["eval"]["tasks"]) if key in cells else set()
+                args.tasks = [t for t in wanted if t not in done]
+                if not args.tasks:
                     continue
                 started = time.perf_counter()
-                log.info("cell %s", key)
+                log.info("cell %s: %s", key, ", ".join(args.tasks))
                 if method == "dense":
                     cell = run_dense(args, model_name)
                 elif method == COMPENSATED:
@@ -304,6 +315,12 @@ def main() -> None:
                     cell = run_cell(args, model_name, method, ratio)
                 cell["wall_s"] = time.perf_counter() - started
                 cell["eval_settings"] = dataclasses.asdict(eval_settings(args))
+                if key in cells:  # more tasks for a cell: keep what it had, add the new ones
+                    old = cells[key]
+                    old["eval"]["tasks"].update(cell["eval"]["tasks"])
+                    old["commands"] += cell["commands"][-1:]
+                    old["wall_s"] = old.get("wall_s", 0.0) + cell["wall_s"]
+                    cell = old
                 cells[key] = cell
                 atomic_write_text(path, json.dumps(cells, indent=1) + "\n")
                 log.info("cell %s done in %.0f min", key, cell["wall_s"] / 60)
