@@ -260,6 +260,18 @@ def test_bad_prune_inputs_fail_before_writing(
     assert not run.exists()
 
 
+def test_pruning_an_already_pruned_model_is_refused_clearly(
+    tiny_model_dir, calibration_txt, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "1", "--extract")) == 0
+    again = tmp_path / "again"
+    assert main(prune_args(run / "model", again, calibration_txt)) == 2
+    err = capsys.readouterr().err
+    assert "already pruned" in err and "Traceback" not in err
+    assert not again.exists()
+
+
 def test_bad_distribution_and_empty_calibration(tiny_model_dir, calibration_txt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(prune_args(tiny_model_dir, tmp_path / "r", calibration_txt, "--pruning_distribution", "1:2"))

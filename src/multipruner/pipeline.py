@@ -120,6 +120,12 @@ class RunContext:
         if self.model is not None:
             return
         self.model, self.tokenizer = self.job.model.load()
+        if getattr(self.model.config, "pruned_structure", None) is not None:
+            raise UsageError(
+                f"{self.job.model.model} is a model multipruner already pruned; searching it again would "
+                "stack plans that no file records. Prune its dense source with a higher --target-ratio "
+                "instead (its multipruner_plan.json names the source)"
+            )
         self.layout = layout_of(self.model)
         self.search = self.job.search.resolved(self.layout)
         check_seqlen(self.model, self.job.calibration.seqlen)
