@@ -125,3 +125,56 @@ def test_unsupported_architecture_lists_supported():
 
     with pytest.raises(UnsupportedArchitectureError, match="supported model types: gemma3_text, llama"):
         adapter_for(GPT2Config())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(mlp_group_size="abc"), "malformed multipruner plan"),
+        (lambda d: d.update(removed_mlp=[9]), "out of range"),  # the plan's own layout has 4 layers
+        (lambda d: d["mlp_width"].__setitem__(0, 500), "outside"),
+        (lambda d: d.update(format="something-else"), "not a multipruner plan"),
+        (lambda d: d["layout"].pop("hidden_size"), "malformed layout"),
+    ],
+)
+def test_plan_files_are_checked_before_any_model_loads(layout, tmp_path, capsys, edit, message):
+    """The model path does not even exist: the plan's own problem must be what the user reads."""
+    from multipruner.cli import main
+
+    path = tmp_path / "plan.json"
+    PruningPlan.dense(layout).without_block("attention", 2).save(path, layout)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["extract", "--model", str(tmp_path / "no-such-model"), "--plan", str(path), "--output", str(out)]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and "no-such-model" not in err
+    assert not out.exists()
+
+
+def test_reference_plans_with_bad_types_fail_before_the_model(tmp_path, capsys):
+    from multipruner.cli import main
+
+    path = tmp_path / "pruning_config.json"
+    path.write_text(json.dumps({"pruned_attn_idx": ["x"], "pruned_mlp_width": {}}))
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(tmp_path / "nope"),
+                "--plan",
+                str(path),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "malformed reference pruning_config" in capsys.readouterr().err

@@ -167,9 +167,9 @@ def add_extract(sub) -> None:
 def _load_dense_and_plan(args):
     from .layout import layout_of
     from .models import ModelSettings, describe_source
-    from .plan import load_plan, read_plan_file
+    from .plan import check_plan_file, load_plan
 
-    read_plan_file(args.plan)  # a missing or broken plan fails before the model loads
+    check_plan_file(args.plan)  # a missing, malformed or impossible plan fails before the model loads
     model, tokenizer = settings_from_args(ModelSettings, args).load()
     layout = layout_of(model)
     plan = load_plan(args.plan, layout, weight_reorder=args.weight_reorder)

@@ -183,8 +183,8 @@ class PruningPlan:
                 attention_width=tuple(int(w) for w in data["attention_width"]),
                 mlp_width=tuple(int(w) for w in data["mlp_width"]),
                 weight_reorder=bool(data.get("weight_reorder", True)),
-                mlp_group_size=data.get("mlp_group_size"),
-                attention_group_size=data.get("attention_group_size"),
+                mlp_group_size=_optional_int(data.get("mlp_group_size")),
+                attention_group_size=_optional_int(data.get("attention_group_size")),
                 meta=data.get("meta", {}),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -229,6 +229,39 @@ class PruningPlan:
 
     def save_reference(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_reference(), indent=4) + "\n")
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def check_plan_file(path: str | Path) -> dict:
+    """Everything about a plan file that needs no model: JSON, format, types, and (for our format, which
+    stores the layout it was made for) the widths and indices against that layout. Returns its data."""
+    data = read_plan_file(path)
+    if "pruned_attn_idx" in data or "pruned_mlp_width" in data:
+        try:
+            for key in ("pruned_attn_idx", "pruned_mlp_idx"):
+                [int(i) for i in data.get(key, [])]
+            for key in ("pruned_attn_width", "pruned_mlp_width"):
+                [(int(i), int(w)) for i, w in data.get(key, {}).items()]
+        except (TypeError, ValueError, AttributeError) as err:
+            raise PlanError(f"plan {path}: malformed reference pruning_config: {err!r}") from err
+        return data
+    try:
+        plan = PruningPlan.from_dict(data)
+    except PlanError as err:
+        raise PlanError(f"plan {path}: {err}") from err
+    if "layout" in data:
+        try:
+            layout = ModelLayout.from_dict(data["layout"])
+        except (KeyError, TypeError) as err:
+            raise PlanError(f"plan {path}: malformed layout: {err!r}") from err
+        try:
+            plan.validate(layout)
+        except PlanError as err:
+            raise PlanError(f"plan {path}: {err}") from err
+    return data
 
 
 def read_plan_file(path: str | Path) -> dict:
