@@ -272,6 +272,35 @@ def test_pruning_an_already_pruned_model_is_refused_clearly(
     assert not again.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["eval", "--model", "./no/such/model", "--tasks", "wikitext2"],
+            "model path not found: ./no/such/model",
+        ),
+        (["prune", "--model", "smollm2-135m", "--distribution", "-1:1:1"], "three non-negative numbers"),
+        (["prune", "--model", "smollm2-135m", "--target-ratio", "-5"], "target ratio must be in (0, 100)"),
+    ],
+)
+def test_messages_name_the_real_problem(args, message, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    assert main(["prune", "--model", "smollm2-135m", "--output", str(out)]) == 2
+    assert "is a file; a run needs a directory" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+
+
 def test_bad_distribution_and_empty_calibration(tiny_model_dir, calibration_txt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(prune_args(tiny_model_dir, tmp_path / "r", calibration_txt, "--pruning_distribution", "1:2"))

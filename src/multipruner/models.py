@@ -172,6 +172,11 @@ def describe_source(spec: str) -> dict:
     return {"spec": spec, "path": str(path.resolve())}
 
 
+def _looks_like_a_path(spec: str) -> bool:
+    """A spec a hub id cannot be: absolute, relative to ./ or ~, or with more than one '/'."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a short name, a ``.gguf`` file, an HF directory or hub id.
 
@@ -199,6 +204,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
             )
     elif Path(spec).exists():
         raise ModelLoadError(f"{spec} is neither a model directory nor a .gguf file")
+    elif _looks_like_a_path(spec):
+        raise ModelLoadError(
+            f"model path not found: {spec} (no such file or directory; a hub id is written owner/name)"
+        )
     else:
         source = spec  # a hub id; only works online
     log.info("loading model %s", spec)

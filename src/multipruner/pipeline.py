@@ -93,6 +93,11 @@ class PruneJob:
 
     def validate(self) -> None:
         """Everything that can be checked without the model or data."""
+        output = self.output_dir()
+        if output.exists() and not output.is_dir():
+            raise UsageError(
+                f"the output {output} is a file; a run needs a directory: choose another --output"
+            )
         self.calibration.validate()
         self.search.validate_ratio()
         self.model.torch_device()  # an unknown device or a missing GPU fails now
