@@ -133,7 +133,10 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     from multipruner.cli import main
 
     run = tmp_path / "run"
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--compensate")) == 0
+    assert (
+        main(prune_args(tiny_model_dir, run, calibration_txt, "--compensate", "--compensate-tokens", "0"))
+        == 0
+    )
     manifest = json.loads((run / "run.json").read_text())
     assert {"search", "compensate"} <= set(manifest["phases"]) and "extract" not in manifest["phases"]
     saved = json.loads((run / "model-compensated" / "multipruner_plan.json").read_text())
@@ -142,7 +145,9 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     from safetensors.torch import load_file
 
     stored = load_file(run / "calibration.safetensors")
-    assert compensation["tokens"] == stored["block"].numel() + stored["width"].numel()  # the run's two sets
+    assert (
+        compensation["tokens"] == stored["block"].numel() + stored["width"].numel()
+    )  # 0: the run's two sets
     plain = tmp_path / "plain"
     out = tmp_path / "compensated"
     assert (
