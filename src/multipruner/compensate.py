@@ -107,20 +107,26 @@ class BranchFit:
     error_after: float
 
 
+def _damped_solve(gram: torch.Tensor, rhs, damping: float, singular: str) -> torch.Tensor:
+    """``(G + lambda I)^-1 rhs(lambda)`` by Cholesky, ``lambda = damping * mean(diag(G))`` (relative, as in GPTQ)."""
+    lam = damping * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+    if info.item() != 0:
+        raise CompensationError(f"{singular}; raise --damping above 0")
+    return torch.cholesky_solve(rhs(lam, eye), factor)
+
+
 def ridge_refit(w_full: torch.Tensor, gram: torch.Tensor, kept: int, damping: float) -> torch.Tensor:
     """``(W_full G[:, :k] + lambda W_kept) (G[:k,:k] + lambda I)^-1`` in float64 (see the module docstring)."""
-    g_kk = gram[:kept, :kept]
-    lam = damping * g_kk.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
-    system = g_kk + lam * torch.eye(kept, dtype=gram.dtype, device=gram.device)
     w_full = w_full.double()
-    rhs = (w_full @ gram[:, :kept] + lam * w_full[:, :kept]).T  # (k, out)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if info.item() != 0:
-        raise CompensationError(
-            "the kept channels' Gram matrix is singular (some kept channels never activate on the "
-            "calibration tokens); raise --damping above 0"
-        )
-    return torch.cholesky_solve(rhs, factor).T
+    return _damped_solve(
+        gram[:kept, :kept],
+        lambda lam, eye: (w_full @ gram[:, :kept] + lam * w_full[:, :kept]).T,  # (k, out)
+        damping,
+        "the kept channels' Gram matrix is singular (some kept channels never activate on the "
+        "calibration tokens)",
+    ).T
 
 
 def reconstruction_error(w_full: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> float:
@@ -352,15 +358,12 @@ class Compensator:
 
 def fold_transform(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
     """``T = (M^T M + lambda I)^-1 (M^T D + lambda I)``, ``lambda = damping * mean(diag(M^T M))``."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    lam = damping * gram.diagonal().mean().clamp(min=torch.finfo(torch.float64).tiny)
-    factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
-    if info.item() != 0:
-        raise CompensationError(
-            "the output of the projection before a removed block is rank-deficient on the calibration "
-            "tokens; raise --damping above 0"
-        )
-    return torch.cholesky_solve(cross + lam * eye, factor)
+    return _damped_solve(
+        gram,
+        lambda lam, eye: cross + lam * eye,
+        damping,
+        "the output of the projection before a removed block is rank-deficient on the calibration tokens",
+    )
 
 
 def fold_error(transform: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, target_norm: float) -> float:
