@@ -28,7 +28,7 @@ from multipruner.evaluation.perplexity import stream_perplexity
 from multipruner.export import prepare_dense
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
-from multipruner.scoring import CalibrationScorer, LossSettings
+from multipruner.scoring import CalibrationScorer, LossSettings, ignored_label
 from multipruner.search import SearchSettings, run_search
 
 log = logging.getLogger("calibration_study")
@@ -43,7 +43,7 @@ def held_out(model, tokenizer, windows: int, seqlen: int) -> dict:
     for source in ("wikitext2", "ptb"):
         stream = eval_token_stream(source, tokenizer)[: windows * seqlen]
         out[source] = stream_perplexity(
-            model, stream, seqlen=seqlen, ignore_index=tokenizer.eos_token_id, progress=False
+            model, stream, seqlen=seqlen, ignore_index=ignored_label(tokenizer), progress=False
         )
     return out
 
@@ -57,7 +57,7 @@ def run_config(spec: str, args) -> dict:
     sets = build_calibration_sets(
         source, tokenizer, block=parse_size(block), width=parse_size(width), seqlen=int(seqlen), seed=42
     )
-    loss = LossSettings(ignore_index=tokenizer.eos_token_id, batch_size=2)
+    loss = LossSettings(ignore_index=ignored_label(tokenizer), batch_size=2)
     scorers = {k: CalibrationScorer(prunable, v, loss) for k, v in sets.items()}
     settings = SearchSettings(
         target_ratio=args.ratio,

@@ -18,6 +18,7 @@ from multipruner.calibration import CalibrationSettings
 from multipruner.compensate import CompensateSettings, compensate
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
+from multipruner.scoring import ignored_label
 
 ref = {
     "pruned_attn_idx": [5, 7, 17, 26, 29],
@@ -47,7 +48,7 @@ def held(m):
                 m,
                 eval_token_stream(s, tok)[: W * 2048],
                 seqlen=2048,
-                ignore_index=tok.eos_token_id,
+                ignore_index=ignored_label(tok),
                 progress=False,
             ),
             3,

@@ -28,7 +28,7 @@ from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
 from multipruner.plan import PruningPlan
 from multipruner.racing import RaceSettings
-from multipruner.scoring import CalibrationScorer, LossSettings
+from multipruner.scoring import CalibrationScorer, LossSettings, ignored_label
 from multipruner.search import SearchSettings, block_candidates, initial_plan, width_candidates
 
 log = logging.getLogger("ranking_study")
@@ -121,14 +121,14 @@ def main() -> None:
     for name in args.steps.split(","):
         plan, candidates = steps[name]
         started = time.perf_counter()
-        held_nll = score_pool(prunable, plan, candidates, held, tokenizer.eos_token_id)
+        held_nll = score_pool(prunable, plan, candidates, held, ignored_label(tokenizer))
         entry = {
             "candidates": [c.to_dict() for c in candidates],
             "held_out_nll": held_nll.mean(dim=1).tolist(),
             "corpora": {},
         }
         for corpus, tokens in pools.items():
-            pool = score_pool(prunable, plan, candidates, tokens, tokenizer.eos_token_id)
+            pool = score_pool(prunable, plan, candidates, tokens, ignored_label(tokenizer))
             full_pick = int(pool.mean(dim=1).argmin())
             entry["corpora"][corpus] = {
                 "pool_nll": pool.mean(dim=1).tolist(),

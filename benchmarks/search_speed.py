@@ -24,7 +24,7 @@ import torch
 from multipruner.data import build_calibration_sets
 from multipruner.export import prepare_dense
 from multipruner.models import load_model
-from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity
+from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search import SearchSettings, block_candidates, initial_plan
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     tokens = build_calibration_sets(
         "default", tokenizer, num_samples_block=400, num_samples_width=40, seqlen=args.seqlen, seed=42
     )["block"][: args.sequences]
-    loss = LossSettings(ignore_index=tokenizer.eos_token_id, batch_size=args.batch_size)
+    loss = LossSettings(ignore_index=ignored_label(tokenizer), batch_size=args.batch_size)
     settings = SearchSettings(10.0, (44, 52, 4), 128, 192)
     scorer = CalibrationScorer(prunable, tokens, loss)
     print(

@@ -211,3 +211,26 @@ def test_default_calibration_never_uses_an_evaluation_split(tokenizer):
     assert parts == [("wikitext2", "validation"), ("ptb", "validation"), ("piqa", "test")]
     sets = CalibrationSettings(block_tokens=512, width_tokens=256, seqlen=64).build(tokenizer)
     assert sets["block"].shape == (8, 64) and sets["width"].shape == (4, 64)
+
+
+def test_reference_sample_counts_draw_wikitext_rows_empty_ones_included(tokenizer, tmp_path, monkeypatch):
+    """The reference samples row indices over the dataset as it is, so the same seed picks the same rows
+    (empty ones too: they add only a separator); dropping empty rows first would shift every pick."""
+    lines = []
+    for i in range(30):
+        lines += [" \n", f" = Section {i} = \n", " \n", f" {' '.join(WORDS[i % 5 : i % 5 + 6])} \n"]
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.valid.raw").write_text("".join(lines))
+    monkeypatch.setenv("MULTIPRUNER_DATA_DIR", str(tmp_path))
+    rows = load_texts("wikitext2", split="validation")
+    assert len(rows) == 120 and rows.count("") == 60
+
+    sets = build_calibration_sets(
+        "wikitext2", tokenizer, block=SetSize(samples=12), width=SetSize(samples=8), seqlen=8, seed=42
+    )
+    rng = random.Random(42)
+    picks = {label: rng.sample(range(len(rows)), n) for label, n in (("width", 8), ("block", 12))}
+    assert any(rows[i] == "" for i in picks["width"] + picks["block"])
+    for label, indices in picks.items():
+        expected = sample_and_tokenize([rows[i] for i in indices], tokenizer, num_samples=None, seqlen=8)
+        assert torch.equal(sets[label], expected), label

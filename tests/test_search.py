@@ -9,7 +9,7 @@ import torch
 
 from multipruner import prepare_dense
 from multipruner.racing import RaceSettings, exact_survivors, paired_survivors
-from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity
+from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
 
 
@@ -305,3 +305,19 @@ def test_exact_racing_with_tied_candidates_keeps_the_first(counting_llama):
     tied_layers = [layers[k] for k in range(len(plans)) if k != best] + [layers[best]] * 3
     raced = scorer.score(tied, tied_layers, race=RaceSettings(mode="exact"))
     assert raced.best() == len(plans) - 1
+
+
+@pytest.mark.parametrize("eos, ignored", [(0, None), (2, 2), (None, None)])
+def test_the_loss_leaves_out_the_eos_label_unless_its_id_is_0(eos, ignored, tiny_llama):
+    """The reference's ``if pad_token_id:`` treats EOS id 0 as no id: then every label counts."""
+    from types import SimpleNamespace
+
+    assert ignored_label(SimpleNamespace(eos_token_id=eos)) == ignored
+    ids = torch.tensor([[5, 0, 7, 0, 9, 2, 4, 0]])
+    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    settings = LossSettings(ignore_index=ignored, batch_size=1)
+    scored = CalibrationScorer(prunable, ids, settings, "cpu").perplexity()
+    assert scored == pytest.approx(full_forward_perplexity(tiny_llama, ids, settings), rel=1e-5)
+    if eos == 0:  # label 0 counts: not the perplexity that leaves it out
+        without_zeros = full_forward_perplexity(tiny_llama, ids, LossSettings(ignore_index=0, batch_size=1))
+        assert scored != pytest.approx(without_zeros, rel=1e-3)

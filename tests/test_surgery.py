@@ -241,3 +241,29 @@ def test_save_reload_when_dense_weights_share_one_storage(tiny_llama, token_ids,
     assert torch.equal(stock(token_ids).logits, logits)
     with prunable.trial(plan):
         assert torch.equal(tiny_llama(token_ids).logits, logits)
+
+
+@pytest.mark.parametrize("dtype, tied_order", [(torch.float32, [2, 5, 7]), (torch.float16, [7, 5, 2])])
+def test_equal_channel_scores_are_ordered_like_the_reference_in_fp16(tiny_llama, dtype, tied_order):
+    """fp32: ties keep ascending index; fp16 weights: descending index, as the reference's fp16 runs."""
+    from multipruner.adapters import adapter_for
+    from multipruner.reorder import attention_unit_order, mlp_channel_order
+
+    model = tiny_llama.to(dtype)
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    mlp = adapter.mlp_module(layer)
+    with torch.no_grad():
+        for name in adapter.mlp_in_projs:
+            weight = getattr(mlp, name).weight
+            weight.fill_(0.01)
+            weight[[2, 5, 7]] = 0.5  # three channels tie for the top score
+    assert mlp_channel_order(mlp, adapter)[:3].tolist() == tied_order
+    attn, heads = adapter.attention_module(layer), adapter.head_layout(model.config)
+    with torch.no_grad():
+        for name in (adapter.q_proj, adapter.k_proj, adapter.v_proj):
+            getattr(attn, name).weight.fill_(0.25)  # every unit ties
+    expected = list(range(heads.num_units))
+    assert attention_unit_order(attn, adapter, heads).tolist() == (
+        expected if dtype == torch.float32 else expected[::-1]
+    )

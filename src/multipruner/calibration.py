@@ -214,18 +214,20 @@ def build_calibration_sets(
 ) -> dict[str, torch.LongTensor]:
     """The block-stage and width-stage calibration sets, ``{"block": [n, seqlen], "width": [m, seqlen]}``.
 
-    Reference mode (``samples``) draws from one ``Random(seed)``, width set first, empty rows dropped
-    (the reference keeps ``len(text) > 0``); token mode is described in the module docstring.
+    Reference mode (``samples``) draws row indices from one ``Random(seed)``, width set first, over all
+    rows as the reference does (an empty WikiText row is drawn like any other and adds only a separator);
+    token mode, described in the module docstring, uses non-empty documents only.
     """
     parts = resolve_source(source)
-    texts = {(name, split): _source_texts(name, split) for name, split in parts}
     sets: dict[str, torch.Tensor] = {}
     if block.samples is not None or width.samples is not None:
         if len(parts) > 1:
             raise DataSourceError(
                 "--num_calibration_samples_* draws from one source; use token budgets with a mixed source"
             )
-        pool = texts[parts[0]]
+        # the reference samples row indices over the dataset as it is, empty WikiText rows included
+        name, split = parts[0]
+        pool = load_texts(name, split=split)
         rng = random.Random(seed)
         for label, size in (("width", width), ("block", block)):
             if size.samples is None:
@@ -237,7 +239,7 @@ def build_calibration_sets(
             )
     else:
         streams = [
-            DocumentStream(name, texts[(name, split)], tokenizer, seed + index)
+            DocumentStream(name, _source_texts(name, split), tokenizer, seed + index)
             for index, (name, split) in enumerate(parts)
         ]
         for label, size in (("width", width), ("block", block)):

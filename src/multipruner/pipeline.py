@@ -30,7 +30,7 @@ from .models import ModelSettings, describe_source
 from .plan import PruningPlan
 from .recover import RecoverSettings, recover
 from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
-from .scoring import CalibrationScorer, LossSettings
+from .scoring import CalibrationScorer, LossSettings, ignored_label
 from .search import SearchConfigError, SearchSettings, StepRecord, run_search
 from .settings import differences, setting, to_dict
 from .shortgpt import run_shortgpt
@@ -213,7 +213,7 @@ class SearchPhase(Phase):
         random.seed(job.calibration.seed)
         torch.manual_seed(job.calibration.seed)
         device = job.model.torch_device()
-        loss = LossSettings(ignore_index=ctx.tokenizer.eos_token_id, batch_size=job.calibration.batch_size)
+        loss = LossSettings(ignore_index=ignored_label(ctx.tokenizer), batch_size=job.calibration.batch_size)
         scorers = {k: CalibrationScorer(ctx.prunable, v, loss, device) for k, v in calibration.items()}
         dense = run.dense_record()
         if dense is None:

@@ -4,6 +4,10 @@ After it, shrinking a width to ``w`` keeps the first ``w`` channels, i.e. drops 
 groups. Scores follow the reference: MLP channels by the summed L1 norms of their gate/up rows;
 attention units by the mean, over their query channels, of the L1 norms of the q row plus the k and v
 rows that channel attends with.
+
+Scores are summed in float32. Equal scores keep ascending index order, except for float16 weights, where
+they are ordered by descending index as the reference's float16 runs order them, so that a published
+fp16 plan keeps the same channels.
 """
 
 from __future__ import annotations
@@ -28,9 +32,16 @@ def _row_l1(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().float().abs().sum(dim=1)
 
 
+def _most_important_first(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if weight.dtype != torch.float16:
+        return torch.sort(scores, descending=True, stable=True).indices
+    # ties by descending index: a stable sort of the reversed scores, mapped back
+    return scores.numel() - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices
+
+
 def mlp_channel_order(mlp: nn.Module, adapter: ArchitectureAdapter) -> torch.Tensor:
     scores = sum(_row_l1(getattr(mlp, name)) for name in adapter.mlp_in_projs)
-    return torch.sort(scores, descending=True, stable=True).indices
+    return _most_important_first(scores, getattr(mlp, adapter.mlp_out_proj).weight)
 
 
 def reorder_mlp(mlp: nn.Module, adapter: ArchitectureAdapter) -> None:
@@ -49,7 +60,7 @@ def attention_unit_order(attn: nn.Module, adapter: ArchitectureAdapter, heads: H
     )
     per_channel = q + kv.repeat_interleave(heads.n_rep, dim=0)  # query head h attends with KV head h // n_rep
     per_unit = per_channel.view(heads.num_units, -1).mean(dim=1)
-    return torch.sort(per_unit, descending=True, stable=True).indices
+    return _most_important_first(per_unit, getattr(attn, adapter.q_proj).weight)
 
 
 def _expand(unit_order: torch.Tensor, block: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ arguments (mask, rotary tables: whatever the family passes), and each candidate 
 tokens, so the [tokens x vocab] logits tensor never exists whole (Gemma 3's vocabulary is 262k).
 
 Perplexity follows the reference: exp of the mean over sequences of each sequence's mean next-token
-NLL, ignoring positions whose label is the tokenizer's EOS id (the reference's ``ignore_index``).
+NLL, ignoring positions whose label is the tokenizer's EOS id (the reference's ``ignore_index``), unless
+that id is 0 (see :func:`ignored_label`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class LossSettings:
     chunk_tokens: int = 1024
     batch_size: int = 2
     reuse_budget_mb: float = 2048.0  # hidden states kept between steps (0 disables cross-step reuse)
+
+
+def ignored_label(tokenizer) -> int | None:
+    """The label left out of the loss, as the reference picks it: the EOS id, but none when that id is 0
+    (its ``if pad_token_id:`` test treats 0 as "no id")."""
+    return getattr(tokenizer, "eos_token_id", None) or None
 
 
 def first_difference(a: PruningPlan, b: PruningPlan) -> int:

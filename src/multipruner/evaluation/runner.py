@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import eval_token_stream
 from ..errors import UsageError
+from ..scoring import ignored_label
 from ..settings import setting
 from .perplexity import stream_perplexity
 from .results import PPL, EvalMeta, EvalResult, Metric
@@ -81,7 +82,7 @@ def evaluate(
             stream = stream[: settings.max_windows * settings.seqlen]
         windows = stream.numel() // settings.seqlen
         ppl = stream_perplexity(
-            model, stream, seqlen=settings.seqlen, ignore_index=tokenizer.eos_token_id, progress=progress
+            model, stream, seqlen=settings.seqlen, ignore_index=ignored_label(tokenizer), progress=progress
         )
         label = source if source in PPL_SOURCES else Path(source).stem
         tasks[label] = {PPL: Metric(ppl, None, windows)}
