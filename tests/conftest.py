@@ -225,8 +225,7 @@ def byte_bpe_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
+def save_tiny_llama(path: Path) -> Path:
     """A tiny dense Llama (GQA) with a tokenizer, saved as a Hugging Face directory."""
     torch.manual_seed(0)
     tokenizer = byte_bpe_tokenizer()
@@ -244,20 +243,58 @@ def tiny_model_dir(tmp_path):
         )
     )
     _randomize(model)
-    path = tmp_path / "dense"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.fixture
-def calibration_txt(tmp_path):
+def tiny_model_dir(tmp_path):
+    return save_tiny_llama(tmp_path / "dense")
+
+
+def write_calibration_txt(path: Path) -> Path:
     """Plain text with blank-line separated documents, enough for a few 16-token sequences."""
     rng = torch.Generator().manual_seed(0)
     docs = []
     for _ in range(40):
         words = [CORPUS[int(i)] for i in torch.randint(0, len(CORPUS), (3,), generator=rng)]
         docs.append("".join(words).strip())
-    path = tmp_path / "calib.txt"
     path.write_text("\n\n".join(docs))
     return path
+
+
+def prune_args(model_dir, run_dir, calib, *extra, by_tokens: bool = False):
+    """``prune`` on the tiny model: 30 %, 16-token sequences, 16/8 reference samples (or 64/32 tokens)."""
+    sizes = (
+        ["--block-tokens", "64", "--width-tokens", "32"]
+        if by_tokens
+        else ["--num_calibration_samples_block", "16", "--num_calibration_samples_width", "8"]
+    )
+    return [
+        "prune",
+        "--model_path",
+        str(model_dir),
+        "--output_path",
+        str(run_dir),
+        "--weight_reorder",
+        "--target_ratio",
+        "30",
+        "--pruning_distribution",
+        "40:40:20",
+        "--mlp_channel_group_size",
+        "24",
+        "--attn_channel_group_size",
+        "32",
+        "--calibration_dataset",
+        str(calib),
+        *sizes,
+        "--seqlen",
+        "16",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def calibration_txt(tmp_path):
+    return write_calibration_txt(tmp_path / "calib.txt")

@@ -10,38 +10,11 @@ import sys
 
 import pytest
 import torch
+from conftest import prune_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from multipruner.cli import main
 from multipruner.plan import PruningPlan
-
-
-def prune_args(model_dir, run_dir, calib, *extra):
-    return [
-        "prune",
-        "--model_path",
-        str(model_dir),
-        "--output_path",
-        str(run_dir),
-        "--weight_reorder",
-        "--target_ratio",
-        "30",
-        "--pruning_distribution",
-        "40:40:20",
-        "--mlp_channel_group_size",
-        "24",
-        "--attn_channel_group_size",
-        "32",
-        "--calibration_dataset",
-        str(calib),
-        "--num_calibration_samples_block",
-        "16",
-        "--num_calibration_samples_width",
-        "8",
-        "--seqlen",
-        "16",
-        *extra,
-    ]
 
 
 def _manifest(run):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .data import DOC_SEPARATOR, DataSourceError, load_texts, tokenize
+from .errors import listing
 from .settings import setting
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,7 @@ class CalibrationSettings:
                         f"give at least {self.seqlen} tokens or lower --seqlen"
                     )
         if bad:
-            raise DataSourceError("invalid calibration settings:\n  - " + "\n  - ".join(dict.fromkeys(bad)))
+            raise DataSourceError(listing("invalid calibration settings", bad))
 
     def build(self, tokenizer: Any) -> dict[str, torch.LongTensor]:
         block, width = self.set_sizes()

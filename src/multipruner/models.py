@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from .errors import UsageError
@@ -222,7 +223,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     except OSError as err:
         names = ", ".join(EMBEDDED)
         raise ModelLoadError(
-            f"could not load model {spec!r}: {err}\n(embedded short names: {names}; or give a local directory / .gguf file)"
+            f"could not load model {spec!r}: {err} (embedded short names: {names}; or give a local directory "
+            "or .gguf file)"
         ) from err
+    except SafetensorError as err:
+        raise ModelLoadError(
+            f"the weights of {spec} are damaged ({err}); copy or download the model again"
+        ) from None
     model.eval().to(device)
     return model, tokenizer

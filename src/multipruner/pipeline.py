@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,11 @@ class PruneJob:
         if output.exists() and not output.is_dir():
             raise UsageError(
                 f"the output {output} is a file; a run needs a directory: choose another --output"
+            )
+        existing = next(p for p in (output, *output.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise UsageError(
+                f"the output {output} is not writable ({existing} is read-only): choose another --output"
             )
         self.calibration.validate()
         self.search.validate_ratio()

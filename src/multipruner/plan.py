@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, listing
 from .io_utils import atomic_write_text
 from .layout import ModelLayout
 
@@ -143,7 +143,7 @@ class PruningPlan:
         if n and len(self.removed_attention) >= n:
             problems.append("plan removes every attention block; at least one must remain")
         if problems:
-            raise PlanError("invalid pruning plan:\n  - " + "\n  - ".join(problems))
+            raise PlanError(listing("invalid pruning plan", problems))
 
     # --- our JSON format ----------------------------------------------------------
     def to_dict(self, layout: ModelLayout | None = None) -> dict:
@@ -176,19 +176,32 @@ class PruningPlan:
             raise PlanError(
                 f"not a multipruner plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})"
             )
-        try:
-            return cls(
-                removed_attention=frozenset(int(i) for i in data["removed_attention"]),
-                removed_mlp=frozenset(int(i) for i in data["removed_mlp"]),
-                attention_width=tuple(int(w) for w in data["attention_width"]),
-                mlp_width=tuple(int(w) for w in data["mlp_width"]),
-                weight_reorder=bool(data.get("weight_reorder", True)),
-                mlp_group_size=_optional_int(data.get("mlp_group_size")),
-                attention_group_size=_optional_int(data.get("attention_group_size")),
-                meta=data.get("meta", {}),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise PlanError(f"malformed multipruner plan: {err!r}") from err
+
+        def field(key: str, parse, default=...):
+            if key not in data and default is not ...:
+                return default
+            try:
+                return parse(data[key])
+            except KeyError:
+                raise PlanError(f"malformed multipruner plan: the field {key!r} is missing") from None
+            except (TypeError, ValueError):
+                raise PlanError(
+                    f"malformed multipruner plan: {key!r} is {data[key]!r}, which is not what the field holds"
+                ) from None
+
+        def integers(values):
+            return [int(v) for v in values]
+
+        return cls(
+            removed_attention=frozenset(field("removed_attention", integers)),
+            removed_mlp=frozenset(field("removed_mlp", integers)),
+            attention_width=tuple(field("attention_width", integers)),
+            mlp_width=tuple(field("mlp_width", integers)),
+            weight_reorder=bool(data.get("weight_reorder", True)),
+            mlp_group_size=field("mlp_group_size", _optional_int, None),
+            attention_group_size=field("attention_group_size", _optional_int, None),
+            meta=data.get("meta", {}),
+        )
 
     # --- the reference's format ---------------------------------------------------
     def to_reference(self) -> dict:
@@ -202,26 +215,20 @@ class PruningPlan:
     @classmethod
     def from_reference(cls, data: dict, layout: ModelLayout, weight_reorder: bool = True) -> PruningPlan:
         base = cls.dense(layout, weight_reorder=weight_reorder)
-        try:
-            attn = list(base.attention_width)
-            mlp = list(base.mlp_width)
-            for key, widths in (("pruned_attn_width", attn), ("pruned_mlp_width", mlp)):
-                for idx, w in data.get(key, {}).items():
-                    i = int(idx)
-                    if not 0 <= i < layout.num_layers:
-                        raise PlanError(f"{key}: layer index {i} out of range [0, {layout.num_layers})")
-                    widths[i] = int(w)
-            return replace(
-                base,
-                removed_attention=frozenset(int(i) for i in data.get("pruned_attn_idx", [])),
-                removed_mlp=frozenset(int(i) for i in data.get("pruned_mlp_idx", [])),
-                attention_width=tuple(attn),
-                mlp_width=tuple(mlp),
-            )
-        except (TypeError, ValueError, AttributeError) as err:
-            if isinstance(err, PlanError):
-                raise
-            raise PlanError(f"malformed reference pruning_config: {err!r}") from err
+        fields = _reference_fields(data)
+        attn, mlp = list(base.attention_width), list(base.mlp_width)
+        for key, widths in (("pruned_attn_width", attn), ("pruned_mlp_width", mlp)):
+            for i, w in fields[key].items():
+                if not 0 <= i < layout.num_layers:
+                    raise PlanError(f"{key}: layer index {i} out of range [0, {layout.num_layers})")
+                widths[i] = w
+        return replace(
+            base,
+            removed_attention=frozenset(fields["pruned_attn_idx"]),
+            removed_mlp=frozenset(fields["pruned_mlp_idx"]),
+            attention_width=tuple(attn),
+            mlp_width=tuple(mlp),
+        )
 
     # --- files --------------------------------------------------------------------
     def save(self, path: str | Path, layout: ModelLayout | None = None) -> None:
@@ -235,18 +242,29 @@ def _optional_int(value) -> int | None:
     return None if value is None else int(value)
 
 
+def _reference_fields(data: dict) -> dict:
+    """The reference format's four fields with integer indices and widths (absent ones empty)."""
+    try:
+        return {
+            **{key: [int(i) for i in data.get(key, [])] for key in ("pruned_attn_idx", "pruned_mlp_idx")},
+            **{
+                key: {int(i): int(w) for i, w in data.get(key, {}).items()}
+                for key in ("pruned_attn_width", "pruned_mlp_width")
+            },
+        }
+    except (TypeError, ValueError, AttributeError) as err:
+        raise PlanError(f"malformed reference pruning_config: {err!r}") from None
+
+
 def check_plan_file(path: str | Path) -> dict:
     """Everything about a plan file that needs no model: JSON, format, types, and (for our format, which
     stores the layout it was made for) the widths and indices against that layout. Returns its data."""
     data = read_plan_file(path)
     if "pruned_attn_idx" in data or "pruned_mlp_width" in data:
         try:
-            for key in ("pruned_attn_idx", "pruned_mlp_idx"):
-                [int(i) for i in data.get(key, [])]
-            for key in ("pruned_attn_width", "pruned_mlp_width"):
-                [(int(i), int(w)) for i, w in data.get(key, {}).items()]
-        except (TypeError, ValueError, AttributeError) as err:
-            raise PlanError(f"plan {path}: malformed reference pruning_config: {err!r}") from err
+            _reference_fields(data)
+        except PlanError as err:
+            raise PlanError(f"plan {path}: {err}") from None
         return data
     try:
         plan = PruningPlan.from_dict(data)

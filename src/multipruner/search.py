@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from .errors import UsageError
+from .errors import UsageError, listing
 from .layout import ModelLayout
 from .plan import PruningPlan
 from .racing import RACE_MODES, RaceSettings
@@ -157,7 +157,7 @@ class SearchSettings:
         """The checks that need no model: ratio, distribution, step limit, group sizes given."""
         problems = self._problems_without_model()
         if problems:
-            raise SearchConfigError("invalid search settings:\n  - " + "\n  - ".join(problems))
+            raise SearchConfigError(listing("invalid search settings", problems))
 
     def _problems_without_model(self) -> list[str]:
         problems = []
@@ -211,7 +211,7 @@ class SearchSettings:
                 f"({layout.heads.q_heads_per_unit} query heads x head_dim {layout.head_dim}: whole KV groups)"
             )
         if problems:
-            raise SearchConfigError("invalid search settings:\n  - " + "\n  - ".join(problems))
+            raise SearchConfigError(listing("invalid search settings", problems))
 
 
 def default_mlp_group_size(width: int) -> int:

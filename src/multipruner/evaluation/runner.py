@@ -46,7 +46,7 @@ class EvalSettings:
         if self.limit is not None and self.limit < 0:
             problems.append(f"the example limit must be 0 (all) or more, got {self.limit}")
         if self.seqlen < 2:
-            problems.append(f"the perplexity window must be at least 2 tokens, got {self.seqlen}")
+            problems.append(f"--seqlen (the perplexity window) must be at least 2 tokens, got {self.seqlen}")
         if self.max_windows is not None and self.max_windows < 1:
             problems.append(f"--max-windows must be at least 1, got {self.max_windows}")
         if self.batch_size < 1:

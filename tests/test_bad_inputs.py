@@ -1,0 +1,388 @@
+"""Every bad input a new user is likely to give, as one table.
+
+Each case must end with exit code 2, one error line that names the problem (the fragment given here),
+no traceback, and no file written or changed anywhere under the test's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import prune_args, save_tiny_llama, write_calibration_txt
+
+from multipruner.cli import main
+from multipruner.run_dir import RunDirectory
+
+
+@dataclass
+class World:
+    """Inputs shared by every case: a dense model, text, a finished run and its pruned model."""
+
+    root: Path
+    model: Path
+    calib: Path
+    run: Path
+    pruned: Path
+    plan: Path
+
+    def prune(self, *extra: str, out: Path | None = None, by_tokens: bool = False) -> list[str]:
+        return prune_args(self.model, out or self.root / "new-run", self.calib, *extra, by_tokens=by_tokens)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model = save_tiny_llama(root / "dense")
+    calib = write_calibration_txt(root / "calib.txt")
+    run = root / "run"
+    assert main(prune_args(model, run, calib, "--max-steps", "2", "--extract")) == 0
+    return World(root, model, calib, run, run / "model", run / "plan.json")
+
+
+def _fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file and directory under ``root``: content hash (files) and permission bits."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        if path.name == ".lock":  # our own lock file: taking it is not a change
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        state[str(path.relative_to(root))] = (digest, path.stat().st_mode)
+    return state
+
+
+def _file(world: World, name: str, content: bytes | str) -> Path:
+    """A prepared input file (created before the fingerprint, so it does not count as written)."""
+    path = world.root / "inputs" / name
+    path.parent.mkdir(exist_ok=True)
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return path
+
+
+def _plan(world: World, name: str, plan: dict) -> str:
+    return str(_file(world, name, json.dumps(plan)))
+
+
+def _corrupt_model(world: World) -> str:
+    path = world.root / "inputs" / "corrupt-model"
+    if not path.exists():
+        path.mkdir(parents=True)
+        for item in world.model.iterdir():
+            (path / item.name).write_bytes(item.read_bytes())
+        (path / "model.safetensors").write_bytes(b"\x00" * 64)
+    return str(path)
+
+
+def _empty_dir(world: World) -> str:
+    path = world.root / "inputs" / "empty-dir"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _read_only_dir(world: World) -> Path:
+    path = world.root / "inputs" / "read-only"
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    return path
+
+
+def _foreign_dir(world: World) -> str:
+    path = world.root / "inputs" / "foreign"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "notes.txt").write_text("someone else's files")
+    return str(path)
+
+
+REFERENCE_PLAN = {
+    "pruned_attn_idx": [],
+    "pruned_mlp_idx": [],
+    "pruned_attn_width": {},
+    "pruned_mlp_width": {},
+}
+
+# (case id, argv built from the world, fragment the error line must contain)
+CASES = [
+    # prune: the settings themselves
+    ("ratio-zero", lambda w: w.prune("--target_ratio", "0"), "target ratio"),
+    ("ratio-100", lambda w: w.prune("--target_ratio", "100"), "target ratio"),
+    ("ratio-negative", lambda w: w.prune("--target_ratio", "-5"), "target ratio must be in (0, 100)"),
+    (
+        "ratio-not-a-number",
+        lambda w: w.prune("--target_ratio", "abc"),
+        "could not convert string to float: 'abc'",
+    ),
+    (
+        "distribution-two-parts",
+        lambda w: w.prune("--pruning_distribution", "1:2"),
+        "three non-negative numbers",
+    ),
+    ("distribution-zero-sum", lambda w: w.prune("--pruning_distribution", "0:0:0"), "distribution"),
+    ("distribution-negative", lambda w: w.prune("--pruning_distribution", "-1:1:1"), "three non-negative"),
+    (
+        "mlp-group-zero",
+        lambda w: w.prune("--mlp_channel_group_size", "0"),
+        "--mlp-group-size must be positive",
+    ),
+    (
+        "attention-group-negative",
+        lambda w: w.prune("--attn_channel_group_size", "-32"),
+        "--attention-group-size must be positive",
+    ),
+    (
+        "attention-group-not-kv-groups",
+        lambda w: w.prune("--attn_channel_group_size", "16"),
+        "whole KV groups",
+    ),
+    (
+        "mlp-group-whole-width",
+        lambda w: w.prune("--mlp_channel_group_size", "96"),
+        "leaves nothing of the width",
+    ),
+    ("seqlen-one", lambda w: w.prune("--seqlen", "1"), "--seqlen must be at least 2"),
+    ("seqlen-beyond-context", lambda w: w.prune("--seqlen", "4096"), "longer than the model's context"),
+    ("batch-size-zero", lambda w: w.prune("--batch_size", "0"), "--batch-size must be at least 1"),
+    ("max-steps-negative", lambda w: w.prune("--max-steps", "-1"), "max-steps"),
+    (
+        "token-budget-below-one-sequence",
+        lambda w: w.prune("--block-tokens", "8", by_tokens=True),
+        "less than one sequence",
+    ),
+    ("unknown-method", lambda w: w.prune("--method", "slicegpt"), "invalid choice: 'slicegpt'"),
+    (
+        "shortgpt-with-distribution",
+        lambda w: [*w.prune(), "--method", "shortgpt"],
+        "shortgpt",
+    ),
+    ("unknown-device", lambda w: w.prune("--device", "foo"), "device"),
+    pytest.param(
+        "cuda-without-gpu",
+        lambda w: w.prune("--device", "cuda"),
+        "no CUDA",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+    ),
+    # prune: the model and the data
+    ("model-missing", lambda w: w.prune()[:2] + ["./no/such/model"] + w.prune()[3:], "model path not found"),
+    (
+        "model-is-a-file",
+        lambda w: _swap_model(w.prune(), str(w.calib)),
+        "neither a model directory nor a .gguf file",
+    ),
+    ("model-empty-dir", lambda w: _swap_model(w.prune(), _empty_dir(w)), "config.json"),
+    ("model-corrupt-weights", lambda w: _swap_model(w.prune(), _corrupt_model(w)), "are damaged"),
+    ("model-already-pruned", lambda w: _swap_model(w.prune(), str(w.pruned)), "already pruned"),
+    (
+        "calibration-missing",
+        lambda w: prune_args(w.model, w.root / "new-run", w.root / "nothing.txt"),
+        "nor an existing file",
+    ),
+    (
+        "calibration-empty",
+        lambda w: prune_args(w.model, w.root / "new-run", _file(w, "empty.txt", "")),
+        "empty",
+    ),
+    (
+        "calibration-too-short",
+        lambda w: prune_args(
+            w.model, w.root / "new-run", _file(w, "short.txt", "tiny\n\ntext"), by_tokens=True
+        ),
+        "fewer than 16 tokens",
+    ),
+    # prune: the output
+    ("output-is-a-file", lambda w: w.prune(out=w.calib), "is a file; a run needs a directory"),
+    pytest.param(
+        "output-read-only",
+        lambda w: w.prune(out=_read_only_dir(w) / "run"),
+        "not writable",
+        marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories"),
+    ),
+    (
+        "resume-changed-settings",
+        lambda w: prune_args(w.model, w.run, w.calib, "--resume", "--seed", "7"),
+        "seed",
+    ),
+    ("rerun-without-resume", lambda w: prune_args(w.model, w.run, w.calib), "--resume"),
+    (
+        "resume-foreign-directory",
+        lambda w: w.prune("--resume", out=Path(_foreign_dir(w))),
+        "not a multipruner run",
+    ),
+    # extract / inspect
+    (
+        "plan-missing",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            str(w.root / "none.json"),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "plan file not found",
+    ),
+    (
+        "plan-not-json",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            str(_file(w, "bad.json", "{nope")),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "plan",
+    ),
+    (
+        "plan-for-another-model",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            _plan(w, "other.json", {**REFERENCE_PLAN, "pruned_attn_idx": [30]}),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "30",
+    ),
+    (
+        "plan-group-size-not-a-number",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            _plan(w, "abc.json", {**json.loads(w.plan.read_text()), "mlp_group_size": "abc"}),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "mlp_group_size",
+    ),
+    (
+        "extract-output-exists",
+        lambda w: ["extract", "--model", str(w.model), "--plan", str(w.plan), "--output", str(w.pruned)],
+        "exists",
+    ),
+    ("inspect-missing-model", lambda w: ["inspect", "--model", str(w.root / "nowhere")], "not found"),
+    # eval / bench / report
+    ("eval-unknown-task", lambda w: ["eval", "--model", str(w.pruned), "--tasks", "mmlu"], "mmlu"),
+    ("eval-no-tasks", lambda w: ["eval", "--model", str(w.pruned), "--tasks", ""], "tasks"),
+    (
+        "eval-seqlen-zero",
+        lambda w: ["eval", "--model", str(w.pruned), "--seqlen", "0"],
+        "--seqlen (the perplexity window) must be at least 2",
+    ),
+    ("eval-limit-negative", lambda w: ["eval", "--model", str(w.pruned), "--limit", "-1"], "limit"),
+    (
+        "eval-task-file-without-equals",
+        lambda w: ["eval", "--model", str(w.pruned), "--task-file", "piqa"],
+        "TASK=PATH",
+    ),
+    (
+        "eval-output-is-a-directory",
+        lambda w: ["eval", "--model", str(w.pruned), "--tasks", str(w.calib), "--output", str(w.run)],
+        "directory",
+    ),
+    (
+        "eval-text-shorter-than-a-window",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w.pruned),
+            "--tasks",
+            str(_file(w, "one-line.txt", "just a few words")),
+        ],
+        "window",
+    ),
+    ("bench-repeats-zero", lambda w: ["bench", "--model", str(w.pruned), "--repeats", "0"], "repeats"),
+    (
+        "bench-new-tokens-zero",
+        lambda w: ["bench", "--model", str(w.pruned), "--new-tokens", "0"],
+        "new-tokens",
+    ),
+    ("report-not-a-run", lambda w: ["report", _foreign_dir(w)], "not a multipruner run"),
+    # compensate / recover
+    (
+        "compensate-negative-damping",
+        lambda w: [
+            "compensate",
+            "--model",
+            str(w.model),
+            "--plan",
+            str(w.plan),
+            "--output",
+            str(w.root / "x"),
+            "--damping",
+            "-1",
+            "--calibration",
+            str(w.calib),
+        ],
+        "damping",
+    ),
+    (
+        "recover-unknown-targets",
+        lambda w: [
+            "recover",
+            "--model",
+            str(w.pruned),
+            "--output",
+            str(w.root / "x"),
+            "--targets",
+            "nothing_proj",
+        ],
+        "nothing_proj",
+    ),
+]
+
+
+def _swap_model(argv: list[str], model: str) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--model_path") + 1] = model
+    return argv
+
+
+def _case_id(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+def test_the_table_is_large_enough():
+    assert len({_case_id(c) for c in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case, build, fragment", CASES, ids=[_case_id(c) for c in CASES])
+def test_bad_input_is_one_clear_error_and_writes_nothing(world, case, build, fragment, capsys, monkeypatch):
+    monkeypatch.chdir(world.root)
+    argv = build(world)  # prepares its input files first
+    before = _fingerprint(world.root)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, f"{case}: exit {code}\n{err[-2000:]}"
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err[-2000:]
+    assert fragment in errors[0], errors[0]
+    assert _fingerprint(world.root) == before, f"{case} wrote or changed files"
+
+
+def test_a_run_directory_in_use_is_refused_with_the_holder(world, capsys):
+    holder = RunDirectory(world.run)
+    holder.lock()  # a second open file description: flock conflicts even within one process
+    try:
+        before = _fingerprint(world.root)
+        assert main(prune_args(world.model, world.run, world.calib, "--resume")) == 2
+        err = capsys.readouterr().err
+        assert f"in use by pid {os.getpid()}" in err and "Traceback" not in err
+        assert _fingerprint(world.root) == before
+    finally:
+        holder._lock_handle.close()
