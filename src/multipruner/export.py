@@ -152,6 +152,7 @@ def save_pruned(
     output = Path(output)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        crash_point("weights_saved")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.copy(MODELING_FILE, tmp / MODELING_FILE.name)
