@@ -61,7 +61,7 @@ class CompensateSettings:
     )
     # 8,192 measured on SmolLM2's main job: the run's own 3,072 tokens made WikiText-2 worse (43.6 -> 45.0)
     # where 8,192 made it better (43.6 -> 39.2); a fold solves a hidden x hidden system (docs/quality.md §4)
-    tokens: int | None = setting(
+    tokens: int = setting(
         8192,
         help="calibration tokens for compensation, drawn from the run's calibration source "
         "(0: reuse the run's own block and width sets)",
@@ -89,7 +89,7 @@ class CompensateSettings:
     def validate(self) -> None:
         if self.damping < 0:
             raise CompensationError(f"--damping must be 0 or more, got {self.damping}")
-        if self.tokens is not None and self.tokens < 0:
+        if self.tokens < 0:
             raise CompensationError(
                 f"--compensate-tokens must be 0 (the run's sets) or more, got {self.tokens}"
             )
