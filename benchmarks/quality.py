@@ -42,7 +42,10 @@ ZERO_SHOT = ("piqa", "arc_easy", "hellaswag", "boolq", "openbookqa")
 METHODS = ("multipruner", "blockpruner", "shortgpt")
 # a multipruner run's compensated model (prune --compensate): a row of its own, evaluated like the rest
 COMPENSATED = "multipruner+compensate"
-ROW_ORDER = ("dense", "multipruner", COMPENSATED, "blockpruner", "shortgpt")
+RECOVERED = "multipruner+compensate+recover"
+# rows for the models a reused multipruner run saved after its search, and where the run keeps them
+DERIVED = {COMPENSATED: "model-compensated", RECOVERED: "model-recovered"}
+ROW_ORDER = ("dense", "multipruner", COMPENSATED, RECOVERED, "blockpruner", "shortgpt")
 LABELS = {
     "wikitext2": "WikiText-2",
     "ptb": "PTB",
@@ -127,27 +130,27 @@ def eval_flags(args) -> str:
     return flags + (f" --max-windows {args.max_windows}" if args.max_windows else "")
 
 
-def run_compensated(args, model: str, ratio: float) -> dict:
-    """The compensated model a reused multipruner run saved (``model-compensated/``)."""
+def run_derived(args, model: str, ratio: float, method: str) -> dict:
+    """A model a reused multipruner run saved after its search (``model-compensated/``, ``model-recovered/``)."""
     from multipruner.export import load_pruned
 
     reused = dict(item.split("=", 1) for item in args.reuse)
     run_dir = Path(reused[cell_key(model, "multipruner", ratio)])
-    saved = run_dir / "model-compensated"
+    saved = run_dir / DERIVED[method]
     pruned, tokenizer = load_pruned(saved)
     plan, layout = RunDirectory(run_dir).plan()
     result = evaluate(
         pruned, tokenizer, eval_settings(args), name=str(saved), dense_params=layout.dense_params()
     )
-    meta = json.loads((saved / "multipruner_plan.json").read_text())["meta"].get("compensation", {})
+    meta = json.loads((saved / "multipruner_plan.json").read_text())["meta"]
     return {
         "model": model,
-        "method": COMPENSATED,
+        "method": method,
         "target_ratio": ratio,
         "ratio": plan.ratio(layout),
         "params": plan.num_params(layout),
         "dense_params": layout.dense_params(),
-        "compensation": meta,
+        **{step: meta[step] for step in ("compensation", "recovery") if step in meta},
         "eval": result.to_dict(),
         "commands": [f"multipruner eval --model {saved} {eval_flags(args)}"],
     }
@@ -214,7 +217,7 @@ def plot(cells: list[dict], path: Path) -> None:
         dense = next((c for c in cells if c["model"] == model and c["method"] == "dense"), None)
         for col, task in enumerate(PPL_TASKS):
             ax = axes[row][col]
-            for method in (*METHODS, COMPENSATED):
+            for method in (*METHODS, *DERIVED):
                 points = sorted(
                     (c["ratio"], EvalResult.from_dict(c["eval"]).tasks[task]["ppl"].value)
                     for c in cells
@@ -309,8 +312,8 @@ def main() -> None:
                 log.info("cell %s: %s", key, ", ".join(args.tasks))
                 if method == "dense":
                     cell = run_dense(args, model_name)
-                elif method == COMPENSATED:
-                    cell = run_compensated(args, model_name, ratio)
+                elif method in DERIVED:
+                    cell = run_derived(args, model_name, ratio, method)
                 else:
                     cell = run_cell(args, model_name, method, ratio)
                 cell["wall_s"] = time.perf_counter() - started
