@@ -60,6 +60,15 @@ def append_line_durably(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _follow_umask(tree: Path) -> None:
+    """Give every file and folder under ``tree`` the permissions the umask allows: libraries that write
+    through private temporary files (transformers' weight shards) would otherwise leave them 0600."""
+    mask = current_umask()
+    for path in tree.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it is renamed to ``target`` in one step.
@@ -76,6 +85,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        _follow_umask(tmp)
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, backup)
