@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -114,6 +118,41 @@ def _qwen3_qk_norm():
     )
 
 
+def _mistral_gqa():
+    return MistralForCausalLM(
+        MistralConfig(
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            sliding_window=None,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _gemma2_softcap():
+    # soft-capped attention and logits, alternating sliding-window layers (window 6 < test length)
+    return Gemma2ForCausalLM(
+        Gemma2Config(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            sliding_window=6,
+            attn_logit_softcapping=20.0,
+            final_logit_softcapping=10.0,
+            query_pre_attn_scalar=16,
+            max_position_embeddings=256,
+        )
+    )
+
+
 def _gemma3_mqa():
     # head_dim * heads (4 * 32 = 128) != hidden (48); sliding window 6 < test sequence length.
     return Gemma3ForCausalLM(
@@ -138,6 +177,8 @@ TINY_MODELS = {
     "qwen2_mha_bias": _qwen2_mha_bias,
     "qwen3_qk_norm": _qwen3_qk_norm,
     "gemma3_mqa": _gemma3_mqa,
+    "mistral_gqa": _mistral_gqa,
+    "gemma2_softcap": _gemma2_softcap,
 }
 
 

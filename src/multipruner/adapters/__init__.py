@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .base import ArchitectureAdapter, BranchNames, HeadLayout, UnsupportedArchitectureError
-from .gemma3 import GEMMA3
+from .gemma import GEMMA
 from .llama import LLAMA
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA3)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA)
 PRUNED_PREFIX = "multipruner_"
 
 

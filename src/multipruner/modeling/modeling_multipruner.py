@@ -21,6 +21,7 @@ import copy
 import torch
 from torch import nn
 from transformers import (
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -144,6 +145,10 @@ class MultiPrunerQwen3ForCausalLM(PrunedCausalLMMixin, Qwen3ForCausalLM):
     pass
 
 
+class MultiPrunerGemma2ForCausalLM(PrunedCausalLMMixin, Gemma2ForCausalLM):
+    pass
+
+
 class MultiPrunerGemma3ForCausalLM(PrunedCausalLMMixin, Gemma3ForCausalLM):
     pass
 
@@ -154,5 +159,6 @@ PRUNED_CLASSES = {
     "mistral": MultiPrunerMistralForCausalLM,
     "qwen2": MultiPrunerQwen2ForCausalLM,
     "qwen3": MultiPrunerQwen3ForCausalLM,
+    "gemma2": MultiPrunerGemma2ForCausalLM,
     "gemma3_text": MultiPrunerGemma3ForCausalLM,
 }
