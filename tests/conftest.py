@@ -16,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -153,6 +155,21 @@ def _gemma2_softcap():
     )
 
 
+def _olmo2_post_norm():
+    # norms after each branch only, q/k norms over the whole projection
+    return Olmo2ForCausalLM(
+        Olmo2Config(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=256,
+        )
+    )
+
+
 def _gemma3_mqa():
     # head_dim * heads (4 * 32 = 128) != hidden (48); sliding window 6 < test sequence length.
     return Gemma3ForCausalLM(
@@ -179,6 +196,7 @@ TINY_MODELS = {
     "gemma3_mqa": _gemma3_mqa,
     "mistral_gqa": _mistral_gqa,
     "gemma2_softcap": _gemma2_softcap,
+    "olmo2_post_norm": _olmo2_post_norm,
 }
 
 

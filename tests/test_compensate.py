@@ -242,7 +242,7 @@ def test_folding_is_refused_where_branch_outputs_are_normalised(tiny_model):
     plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)
     pruned = extract(prunable, plan)
     settings = CompensateSettings(blocks=True)
-    if prunable.adapter.family == "gemma":  # Gemma 2 and 3 norm each branch's output
+    if prunable.adapter.branch_outputs_normed:  # Gemma 2 and 3, OLMo 2
         with pytest.raises(CompensationError, match="normalises its attention and mlp output"):
             compensate(
                 prunable, pruned, plan, _tokens(tiny_model.config.vocab_size), settings, progress=False

@@ -181,12 +181,11 @@ class Compensator:
             self._check_foldable()
 
     def _check_foldable(self) -> None:
-        post_normed = [k for k in ("attention", "mlp") if len(self.adapter.branch(k).norms) > 1]
-        if post_normed:
+        if self.adapter.branch_outputs_normed:
             raise CompensationError(
-                f"--compensate-blocks: {type(self.dense.model).__name__} normalises its "
-                f"{' and '.join(post_normed)} output before adding it to the residual, so no linear map "
-                "can be folded into the projection before a removed block; compensate without it"
+                f"--compensate-blocks: {type(self.dense.model).__name__} normalises its attention and mlp "
+                "output before adding it to the residual, so no linear map can be folded into the "
+                "projection before a removed block; compensate without it"
             )
 
     def _branch_order(self) -> list[tuple[int, str]]:

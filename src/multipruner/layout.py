@@ -29,6 +29,9 @@ class ModelLayout:
     mlp_in_bias: bool
     mlp_out_bias: bool
     num_mlp_in_projs: int
+    # norms over a whole query / key projection (OLMo 2): their size follows the width
+    q_row_norms: int = 0
+    k_row_norms: int = 0
 
     @property
     def heads(self) -> HeadLayout:
@@ -48,6 +51,8 @@ class ModelLayout:
             + (q_width if self.q_bias else 0)
             + (2 * kv_width if self.kv_bias else 0)
             + (h if self.o_bias else 0)
+            + self.q_row_norms * q_width
+            + self.k_row_norms * kv_width
             + self.attention_fixed_params
         )
 
@@ -74,7 +79,8 @@ class ModelLayout:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelLayout:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        # layouts saved before a field existed take its default
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def _numel(params) -> int:
@@ -89,6 +95,7 @@ def layout_of(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> M
     layer = adapter.layers(model)[0]
     attn, mlp = adapter.attention_module(layer), adapter.mlp_module(layer)
     projs = {adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj}
+    projs |= {*adapter.q_row_norms, *adapter.k_row_norms}  # counted with the width they follow
     attn_fixed = _numel(p for name, m in attn.named_children() if name not in projs for p in m.parameters())
     attn_fixed += _numel(getattr(layer, n).weight for n in adapter.attention.norms)
     mlp_projs = set(adapter.mlp_in_projs) | {adapter.mlp_out_proj}
@@ -114,6 +121,8 @@ def layout_of(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> M
         mlp_in_bias=has_bias(mlp, adapter.mlp_in_projs[0]),
         mlp_out_bias=has_bias(mlp, adapter.mlp_out_proj),
         num_mlp_in_projs=len(adapter.mlp_in_projs),
+        q_row_norms=len(adapter.q_row_norms),
+        k_row_norms=len(adapter.k_row_norms),
     )
     measured = _numel(model.parameters())
     if layout.dense_params() != measured:

@@ -28,6 +28,10 @@ def _permute_columns(linear: nn.Linear, index: torch.Tensor) -> None:
     linear.weight.data = linear.weight.data.index_select(1, index)
 
 
+def _permute_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    norm.weight.data = norm.weight.data.index_select(0, index)
+
+
 def _row_l1(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().float().abs().sum(dim=1)
 
@@ -73,10 +77,14 @@ def reorder_attention(attn: nn.Module, adapter: ArchitectureAdapter, heads: Head
     q_index = _expand(units, heads.unit_channels)
     _permute_rows(getattr(attn, adapter.q_proj), q_index)
     _permute_columns(getattr(attn, adapter.o_proj), q_index)
+    for name in adapter.q_row_norms:
+        _permute_norm(getattr(attn, name), q_index)
     if heads.kv_heads_per_unit:
         kv_index = _expand(units, heads.head_dim)
         _permute_rows(getattr(attn, adapter.k_proj), kv_index)
         _permute_rows(getattr(attn, adapter.v_proj), kv_index)
+        for name in adapter.k_row_norms:
+            _permute_norm(getattr(attn, name), kv_index)
 
 
 @torch.no_grad()

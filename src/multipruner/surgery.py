@@ -27,6 +27,7 @@ class _Branch:
     module: nn.Module
     norms: dict[str, nn.Module]
     params: dict[str, tuple[nn.Parameter, nn.Parameter | None]]  # projection -> (weight, bias)
+    row_norms: dict[str, nn.Parameter]  # norm inside the module over a whole projection -> its weight
 
 
 def _set_linear(linear: nn.Linear, weight, bias) -> None:
@@ -54,6 +55,7 @@ class PrunableModel:
                     attn,
                     {n: getattr(layer, n) for n in a.attention.norms},
                     self._params(attn, (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
+                    {n: getattr(attn, n).weight for n in (*a.q_row_norms, *a.k_row_norms)},
                 )
             )
             self._mlp.append(
@@ -61,6 +63,7 @@ class PrunableModel:
                     mlp,
                     {n: getattr(layer, n) for n in a.mlp.norms},
                     self._params(mlp, (*a.mlp_in_projs, a.mlp_out_proj)),
+                    {},
                 )
             )
         self.plan = PruningPlan.dense(self.layout)
@@ -91,6 +94,11 @@ class PrunableModel:
             _set_linear(getattr(branch.module, name), weight[:rows], None if bias is None else bias[:rows])
         weight, bias = branch.params[a.o_proj]
         _set_linear(getattr(branch.module, a.o_proj), weight[:, :q_width], bias)
+        for names, rows in ((a.q_row_norms, q_width), (a.k_row_norms, kv_width)):
+            for name in names:
+                getattr(branch.module, name).weight = nn.Parameter(
+                    branch.row_norms[name][:rows], requires_grad=False
+                )
         branch.module.num_key_value_groups = self.heads.num_kv_groups(q_width)
 
     def _set_mlp_width(self, layer_idx: int, width: int) -> None:
@@ -109,6 +117,8 @@ class PrunableModel:
             branch = (self._attention if kind == "attention" else self._mlp)[layer_idx]
             for name, (weight, bias) in branch.params.items():
                 _set_linear(getattr(branch.module, name), weight, bias)
+            for name, weight in branch.row_norms.items():
+                getattr(branch.module, name).weight = weight
             if kind == "attention":
                 branch.module.num_key_value_groups = self.heads.n_rep
         else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import ArchitectureAdapter, BranchNames, HeadLayout, UnsupportedArchitectureError
 from .gemma import GEMMA
 from .llama import LLAMA
+from .olmo2 import OLMO2
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA, OLMO2)
 PRUNED_PREFIX = "multipruner_"
 
 

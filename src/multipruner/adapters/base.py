@@ -95,6 +95,12 @@ class ArchitectureAdapter:
     o_proj: str = "o_proj"
     mlp_in_projs: tuple[str, ...] = ("gate_proj", "up_proj")
     mlp_out_proj: str = "down_proj"
+    # norms inside the attention module over a whole projection's output (OLMo 2): their weights
+    # follow the query rows / the key rows when heads are reordered or removed
+    q_row_norms: tuple[str, ...] = ()
+    k_row_norms: tuple[str, ...] = ()
+    # each branch's output is normed before the residual add (Gemma, OLMo 2): no linear map folds into it
+    branch_outputs_normed: bool = False
 
     # --- where things are -------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:

@@ -13,4 +13,5 @@ GEMMA = ArchitectureAdapter(
     model_types=("gemma2", "gemma3_text"),
     attention=BranchNames(module="self_attn", norms=("input_layernorm", "post_attention_layernorm")),
     mlp=BranchNames(module="mlp", norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    branch_outputs_normed=True,
 )

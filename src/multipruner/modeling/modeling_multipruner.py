@@ -25,6 +25,7 @@ from transformers import (
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Olmo2ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
@@ -153,6 +154,10 @@ class MultiPrunerGemma3ForCausalLM(PrunedCausalLMMixin, Gemma3ForCausalLM):
     pass
 
 
+class MultiPrunerOlmo2ForCausalLM(PrunedCausalLMMixin, Olmo2ForCausalLM):
+    pass
+
+
 # model_type of the dense family -> pruned model class
 PRUNED_CLASSES = {
     "llama": MultiPrunerLlamaForCausalLM,
@@ -161,4 +166,5 @@ PRUNED_CLASSES = {
     "qwen3": MultiPrunerQwen3ForCausalLM,
     "gemma2": MultiPrunerGemma2ForCausalLM,
     "gemma3_text": MultiPrunerGemma3ForCausalLM,
+    "olmo2": MultiPrunerOlmo2ForCausalLM,
 }
