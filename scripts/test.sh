@@ -4,6 +4,6 @@
 # (tests marked slow use a real embedded model or take more than ~5 s on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+MODELS=${MODELS:-all} bash scripts/setup.sh  # the tests check every embedded model's files
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q "$@"

