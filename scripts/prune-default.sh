@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 run=${RUN_DIR:-runs/smollm2-135m-10pct}
 .venv/bin/multipruner prune --model smollm2-135m --output_path "$run" --weight_reorder \
   --target_ratio 10 --pruning_distribution 44:52:4 --mlp_channel_group_size 128 --attn_channel_group_size 192 \
-  --extract --compensate --compensate-blocks --resume "$@"
+  --extract --compensate --compensate-blocks --recover --resume "$@"
