@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -75,129 +76,46 @@ def _no_stray_files(tmp_path_factory):
 VOCAB = 128
 
 
-def _llama_gqa():
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            tie_word_embeddings=True,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _qwen2_mha_bias():
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=VOCAB,
-            tie_word_embeddings=False,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _qwen3_qk_norm():
-    return Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=VOCAB,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _mistral_gqa():
-    return MistralForCausalLM(
-        MistralConfig(
-            hidden_size=64,
-            intermediate_size=80,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            sliding_window=None,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _gemma2_softcap():
+# fmt: off
+# Tiny random models, one per family feature the invariant suite must cover: (model class, config class,
+# the config's sizes and features). Every model has vocab VOCAB and 256 positions.
+_TINY_SPECS = {
+    "llama_gqa": (LlamaForCausalLM, LlamaConfig, dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_mha_bias": (Qwen2ForCausalLM, Qwen2Config, dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen3_qk_norm": (Qwen3ForCausalLM, Qwen3Config, dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16)),
+    # head_dim * heads (4 * 32 = 128) != hidden (48); sliding window 6 < test sequence length
+    "gemma3_mqa": (Gemma3ForCausalLM, Gemma3TextConfig, dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, sliding_window=6, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+    "mistral_gqa": (MistralForCausalLM, MistralConfig, dict(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=None)),
     # soft-capped attention and logits, alternating sliding-window layers (window 6 < test length)
-    return Gemma2ForCausalLM(
-        Gemma2Config(
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            vocab_size=VOCAB,
-            sliding_window=6,
-            attn_logit_softcapping=20.0,
-            final_logit_softcapping=10.0,
-            query_pre_attn_scalar=16,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _olmo2_post_norm():
+    "gemma2_softcap": (Gemma2ForCausalLM, Gemma2Config, dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, attn_logit_softcapping=20.0,
+        final_logit_softcapping=10.0, query_pre_attn_scalar=16)),
     # norms after each branch only, q/k norms over the whole projection
-    return Olmo2ForCausalLM(
-        Olmo2Config(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _gemma3_mqa():
-    # head_dim * heads (4 * 32 = 128) != hidden (48); sliding window 6 < test sequence length.
-    return Gemma3ForCausalLM(
-        Gemma3TextConfig(
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=32,
-            vocab_size=VOCAB,
-            sliding_window=6,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            max_position_embeddings=256,
-            query_pre_attn_scalar=32,
-        )
-    )
-
-
-TINY_MODELS = {
-    "llama_gqa": _llama_gqa,
-    "qwen2_mha_bias": _qwen2_mha_bias,
-    "qwen3_qk_norm": _qwen3_qk_norm,
-    "gemma3_mqa": _gemma3_mqa,
-    "mistral_gqa": _mistral_gqa,
-    "gemma2_softcap": _gemma2_softcap,
-    "olmo2_post_norm": _olmo2_post_norm,
+    "olmo2_post_norm": (Olmo2ForCausalLM, Olmo2Config, dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2)),
 }
+
+
+def _tiny(name: str):
+    model_cls, config_cls, sizes = _TINY_SPECS[name]
+    return model_cls(config_cls(vocab_size=VOCAB, max_position_embeddings=256, **sizes))
+
+
+TINY_MODELS = {name: functools.partial(_tiny, name) for name in _TINY_SPECS}
+# fmt: on
 
 
 def _randomize(model):
@@ -218,7 +136,7 @@ def tiny_model(request):
 @pytest.fixture
 def tiny_llama():
     torch.manual_seed(0)
-    return _randomize(_llama_gqa())
+    return _randomize(TINY_MODELS["llama_gqa"]())
 
 
 @pytest.fixture

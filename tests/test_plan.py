@@ -123,7 +123,10 @@ def test_plan_for_another_model_is_rejected(tiny_model, differs_in, tmp_path):
 def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedArchitectureError, match="supported model types: gemma2, gemma3_text, llama, mistral, olmo2, qwen2, qwen3"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match="supported model types: gemma2, gemma3_text, llama, mistral, olmo2, qwen2, qwen3",
+    ):
         adapter_for(GPT2Config())
 
 

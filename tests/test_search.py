@@ -249,10 +249,10 @@ def counting_llama():
     blocks matter, so some candidates of a block step are far worse than others (as in real models)."""
     import copy
 
-    from conftest import _llama_gqa
+    from conftest import TINY_MODELS
 
     torch.manual_seed(0)
-    model = _llama_gqa()
+    model = TINY_MODELS["llama_gqa"]()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(25):
         ids = _counting_sequences(model.config.vocab_size, 8, seed=None)
