@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from multipruner import prepare_dense
+from multipruner import PruningPlan, prepare_dense
 from multipruner.racing import RaceSettings, exact_survivors, paired_survivors
 from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
@@ -32,18 +32,36 @@ def _settings(prunable, **kw):
 
 @pytest.mark.parametrize("mode", ["off", "exact"])
 def test_every_step_matches_brute_force(tiny_model, mode):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
-    tokens = _calibration(tiny_model.config.vocab_size, n=6)
+    records = _search_equals_brute_force(tiny_model, _settings, mode=mode)
+    assert {r.stage for r in records} == {s.name for s in STAGES}
+
+
+def test_whole_layer_candidates_match_brute_force_and_remove_both_blocks(tiny_llama):
+    dense = PruningPlan.dense(prepare_dense(tiny_llama, weight_reorder=False).layout)
+    plan = Candidate("layer", "remove", 2).apply(dense)
+    assert plan.removed_attention == plan.removed_mlp == {2}
+    records = _search_equals_brute_force(
+        tiny_llama,
+        lambda p, **kw: _settings(p, whole_layers=True, distribution=(100.0, 0.0, 0.0), **kw),
+        mode="exact",
+    )
+    assert {c["kind"] for r in records for c in r.candidates} == {"attention", "mlp", "layer"}
+
+
+def _search_equals_brute_force(model, make_settings, mode):
+    """Run the search, then at each step brute force every candidate with a full forward from the step's
+    base plan: the same perplexities, the same choice, and every eliminated candidate provably worse."""
+    prunable = prepare_dense(model, weight_reorder=True)
+    tokens = _calibration(model.config.vocab_size, n=6)
     loss = LossSettings(ignore_index=5, batch_size=2)
     scorers = {
         "block": CalibrationScorer(prunable, tokens, loss),
         "width": CalibrationScorer(prunable, tokens[:4], loss),
     }
-    settings = _settings(prunable, search=mode)
+    settings = make_settings(prunable, search=mode)
     records = []
     run_search(prunable, scorers, settings, on_step=lambda rec, plan: records.append(rec), progress=False)
-    assert {r.stage for r in records} == {s.name for s in STAGES}
-    # replay: at each step, brute force every candidate with a full forward from the step's base plan
+    assert records
     plan = initial_plan(prunable.layout, settings)
     for rec in records:
         stage = next(s for s in STAGES if s.name == rec.stage)
@@ -51,7 +69,7 @@ def test_every_step_matches_brute_force(tiny_model, mode):
         brute = []
         for cand in rec.candidates:
             with prunable.trial(Candidate.from_dict(cand).apply(plan)):
-                brute.append(full_forward_perplexity(tiny_model, data, loss))
+                brute.append(full_forward_perplexity(model, data, loss))
         scored = [k for k, c in enumerate(rec.candidates) if c["ppl"] is not None]
         assert [rec.candidates[k]["ppl"] for k in scored] == pytest.approx(
             [brute[k] for k in scored], rel=1e-5
@@ -63,6 +81,7 @@ def test_every_step_matches_brute_force(tiny_model, mode):
         # an eliminated candidate is provably worse than the choice
         assert all(brute[k] > rec.choice["ppl"] * (1 - 1e-5) for k in range(len(brute)) if k not in scored)
         plan = Candidate.from_dict(rec.choice).apply(plan)
+    return records
 
 
 def test_stage_targets_and_overshoot(tiny_llama):
@@ -115,7 +134,7 @@ def test_bad_settings_fail_fast(tiny_llama, kw, message):
 )
 def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llama, token_ids, published):
     """The reference shrinks a width by the group while something remains; its published plans hold such widths."""
-    from multipruner import PruningPlan, extract
+    from multipruner import extract
 
     name, width, group = published
     assert 0 < width % group < group and 0 < 96 % 40 < 40

@@ -40,12 +40,14 @@ class SearchConfigError(UsageError):
 
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # "attention" | "mlp"
+    kind: str  # "attention" | "mlp" | "layer" (both blocks of one layer, --whole-layers)
     op: str  # "remove" | "shrink"
     layer: int
     width: int | None = None
 
     def apply(self, plan: PruningPlan) -> PruningPlan:
+        if self.kind == "layer":
+            return plan.without_block("attention", self.layer).without_block("mlp", self.layer)
         if self.op == "remove":
             return plan.without_block(self.kind, self.layer)
         return plan.with_width(self.kind, self.layer, self.width)
@@ -113,6 +115,11 @@ class SearchSettings:
         help="exact: a removed block's norms leave with it (the saved model's real size); reference: they "
         "stay counted, as in the authors' code (reproduces where its stages stop)",
         choices=RATIO_ACCOUNTING,
+    )
+    whole_layers: bool = setting(
+        False,
+        help="the block stage also offers each whole layer (its attention and MLP blocks together) as one "
+        "step, the move ShortGPT makes and single-block steps cannot reach (not in the paper)",
     )
     search: str = setting(
         "exact",
@@ -229,6 +236,9 @@ def block_candidates(plan: PruningPlan, settings: SearchSettings) -> list[Candid
             if i in plan.removed(kind) or (kind == "attention" and kept_attention <= 1):
                 continue  # a model needs one attention block to stay a sequence model
             out.append(Candidate(kind, "remove", i))
+    if settings.whole_layers and kept_attention > 1:
+        kept_both = [i for i in range(plan.num_layers) if i not in plan.removed_attention | plan.removed_mlp]
+        out.extend(Candidate("layer", "remove", i) for i in kept_both)
     return out
 
 
