@@ -93,6 +93,18 @@ def _read_only_dir(world: World) -> Path:
     return path
 
 
+def _run_with_truncated_calibration(world: World) -> Path:
+    path = world.root / "inputs" / "truncated-run"
+    if not path.exists():
+        path.mkdir(parents=True)
+        for item in world.run.iterdir():
+            if item.is_file() and item.name != ".lock":
+                (path / item.name).write_bytes(item.read_bytes())
+        calibration = path / "calibration.safetensors"
+        calibration.write_bytes(calibration.read_bytes()[:100])  # a kill mid-copy, a full disk
+    return path
+
+
 def _foreign_dir(world: World) -> str:
     path = world.root / "inputs" / "foreign"
     path.mkdir(parents=True, exist_ok=True)
@@ -208,6 +220,11 @@ CASES = [
         "seed",
     ),
     ("rerun-without-resume", lambda w: prune_args(w.model, w.run, w.calib), "--resume"),
+    (
+        "resume-truncated-calibration",
+        lambda w: w.prune("--max-steps", "3", "--resume", out=_run_with_truncated_calibration(w)),
+        "calibration.safetensors is damaged",
+    ),
     (
         "resume-foreign-directory",
         lambda w: w.prune("--resume", out=Path(_foreign_dir(w))),
