@@ -19,7 +19,7 @@ def _atomic_write(path: Path, data: str | bytes, mode: str) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; outputs follow the umask
+        follow_umask(Path(tmp))  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,13 +60,14 @@ def append_line_durably(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _follow_umask(tree: Path) -> None:
-    """Give every file and folder under ``tree`` the permissions the umask allows: libraries that write
-    through private temporary files (transformers' weight shards) would otherwise leave them 0600."""
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the permissions the umask allows, as
+    outputs should have: temporary files are created private (0600/0700), and so are the files libraries
+    write through them (transformers' weight shards)."""
     mask = current_umask()
-    for path in tree.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    for item in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
@@ -82,10 +83,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
     try:
         yield tmp
-        _follow_umask(tmp)
+        follow_umask(tmp)
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, backup)

@@ -177,7 +177,7 @@ class PruningPlan:
                 f"not a multipruner plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})"
             )
 
-        def field(key: str, parse, default=...):
+        def parsed(key: str, parse, default=...):
             if key not in data and default is not ...:
                 return default
             try:
@@ -193,13 +193,13 @@ class PruningPlan:
             return [int(v) for v in values]
 
         return cls(
-            removed_attention=frozenset(field("removed_attention", integers)),
-            removed_mlp=frozenset(field("removed_mlp", integers)),
-            attention_width=tuple(field("attention_width", integers)),
-            mlp_width=tuple(field("mlp_width", integers)),
+            removed_attention=frozenset(parsed("removed_attention", integers)),
+            removed_mlp=frozenset(parsed("removed_mlp", integers)),
+            attention_width=tuple(parsed("attention_width", integers)),
+            mlp_width=tuple(parsed("mlp_width", integers)),
             weight_reorder=bool(data.get("weight_reorder", True)),
-            mlp_group_size=field("mlp_group_size", _optional_int, None),
-            attention_group_size=field("attention_group_size", _optional_int, None),
+            mlp_group_size=parsed("mlp_group_size", _optional_int, None),
+            attention_group_size=parsed("attention_group_size", _optional_int, None),
             meta=data.get("meta", {}),
         )
 

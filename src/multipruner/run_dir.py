@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UsageError
-from .io_utils import append_line_durably, atomic_write_text, current_umask, remove_stale_temporaries
+from .io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
 from .layout import ModelLayout
 from .plan import PlanError, PruningPlan
 
@@ -219,7 +219,7 @@ class RunDirectory:
     def save_calibration(self, sets: dict[str, torch.Tensor]) -> None:
         tmp = self.calibration_file.with_name(f".{self.calibration_file.name}.tmp")
         save_file({k: v.contiguous() for k, v in sets.items()}, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        follow_umask(tmp)
         tmp.replace(self.calibration_file)
 
     # --- the step log ---------------------------------------------------------------------

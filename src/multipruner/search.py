@@ -237,8 +237,8 @@ def block_candidates(plan: PruningPlan, settings: SearchSettings) -> list[Candid
                 continue  # a model needs one attention block to stay a sequence model
             out.append(Candidate(kind, "remove", i))
     if settings.whole_layers and kept_attention > 1:
-        kept_both = [i for i in range(plan.num_layers) if i not in plan.removed_attention | plan.removed_mlp]
-        out.extend(Candidate("layer", "remove", i) for i in kept_both)
+        either_removed = plan.removed_attention | plan.removed_mlp
+        out.extend(Candidate("layer", "remove", i) for i in range(plan.num_layers) if i not in either_removed)
     return out
 
 
