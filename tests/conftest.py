@@ -19,6 +19,8 @@ from transformers import (
     MistralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -106,6 +108,10 @@ _TINY_SPECS = {
     "olmo2_post_norm": (Olmo2ForCausalLM, Olmo2Config, dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2)),
+    # fused qkv_proj and gate_up_proj
+    "phi3_fused": (Phi3ForCausalLM, Phi3Config, dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=2)),
 }
 
 

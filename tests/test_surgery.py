@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from multipruner import PruningPlan, extract, prepare_dense, save_pruned
 from multipruner.export import load_pruned
+from multipruner.inspect_model import describe_layers
 from multipruner.layout import ModelLayout
+from multipruner.projections import projection_weight
 
 
 def random_plan(layout: ModelLayout, rng: random.Random) -> PruningPlan:
@@ -32,8 +34,10 @@ def test_reorder_keeps_outputs(tiny_model, token_ids):
     prunable = prepare_dense(tiny_model, weight_reorder=True)
     assert rel_err(tiny_model(token_ids).logits, before) < 1e-5
     # and it did permute something: the first MLP channel is now the most important one
-    mlp = prunable.adapter.mlp_module(prunable.adapter.layers(tiny_model)[0])
-    scores = sum(getattr(mlp, n).weight.abs().sum(1) for n in prunable.adapter.mlp_in_projs)
+    adapter = prunable.adapter
+    mlp = adapter.mlp_module(adapter.layers(tiny_model)[0])
+    rows = dict.fromkeys(adapter.mlp_in_projs, prunable.layout.mlp_width)
+    scores = sum(projection_weight(mlp, adapter, n, rows).abs().sum(1) for n in adapter.mlp_in_projs)
     assert torch.all(scores[:-1] >= scores[1:])
 
 
@@ -58,13 +62,13 @@ def test_extracted_equals_masked_and_counts_match(tiny_model, token_ids, seed):
     assert plan.num_params(prunable.layout) == sum(p.numel() for p in pruned.parameters())
     # config fields match tensor shapes
     structure = pruned.config.pruned_structure["layers"]
-    for spec, layer in zip(structure, prunable.adapter.layers(pruned), strict=True):
+    for spec, row in zip(structure, describe_layers(pruned), strict=True):
         if spec["mlp"]:
-            assert layer.mlp.down_proj.in_features == spec["mlp"]["intermediate_size"]
+            assert row["mlp_width"] == spec["mlp"]["intermediate_size"]
         if spec["attention"]:
-            assert (
-                layer.self_attn.q_proj.out_features
-                == spec["attention"]["num_heads"] * prunable.layout.head_dim
+            assert (row["heads"], row["kv_heads"]) == (
+                spec["attention"]["num_heads"],
+                spec["attention"]["num_kv_heads"],
             )
 
 

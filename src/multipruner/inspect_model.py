@@ -5,8 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import adapter_for
-from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP
 from .tables import render_table
+
+
+def _present(branch: nn.Module) -> bool:
+    # a removed branch's stand-in holds no weights; checked by that, not by class, because a model loaded
+    # with trust_remote_code has its own copy of the stand-in classes
+    return next(branch.parameters(), None) is not None
 
 
 def describe_layers(model: nn.Module) -> list[dict]:
@@ -17,13 +22,16 @@ def describe_layers(model: nn.Module) -> list[dict]:
         attn, mlp = adapter.attention_module(layer), adapter.mlp_module(layer)
         row = {
             "layer": i,
-            "attention": not isinstance(attn, RemovedAttention),
-            "mlp": not isinstance(mlp, RemovedMLP),
+            "attention": _present(attn),
+            "mlp": _present(mlp),
             "params": sum(p.numel() for p in layer.parameters()),
         }
         if row["attention"]:
-            row["heads"] = getattr(attn, adapter.q_proj).out_features // head_dim
-            row["kv_heads"] = getattr(attn, adapter.k_proj).out_features // head_dim
+            # o_proj reads the query channels; q, k and v rows share the input linears (k and v alike)
+            q_rows = getattr(attn, adapter.o_proj).in_features
+            in_rows = sum(getattr(attn, name).out_features for name in adapter.linears("attention")[:-1])
+            row["heads"] = q_rows // head_dim
+            row["kv_heads"] = (in_rows - q_rows) // 2 // head_dim
         if row["mlp"]:
             row["mlp_width"] = getattr(mlp, adapter.mlp_out_proj).in_features
         rows.append(row)

@@ -79,14 +79,7 @@ class TrainerState:
 
 
 def default_targets(adapter) -> list[str]:
-    return [
-        adapter.q_proj,
-        adapter.k_proj,
-        adapter.v_proj,
-        adapter.o_proj,
-        *adapter.mlp_in_projs,
-        adapter.mlp_out_proj,
-    ]
+    return [*adapter.linears("attention"), *adapter.linears("mlp")]
 
 
 def _check_targets(model, targets: list[str]) -> None:

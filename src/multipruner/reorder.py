@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, HeadLayout, adapter_for
-
-
-def _permute_rows(linear: nn.Linear, index: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data.index_select(0, index)
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data.index_select(0, index)
+from .projections import permute_projection_rows, projection_weight
 
 
 def _permute_columns(linear: nn.Linear, index: torch.Tensor) -> None:
@@ -32,8 +27,8 @@ def _permute_norm(norm: nn.Module, index: torch.Tensor) -> None:
     norm.weight.data = norm.weight.data.index_select(0, index)
 
 
-def _row_l1(linear: nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().float().abs().sum(dim=1)
+def _row_l1(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs().sum(dim=1)
 
 
 def _most_important_first(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -43,28 +38,39 @@ def _most_important_first(scores: torch.Tensor, weight: torch.Tensor) -> torch.T
     return scores.numel() - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices
 
 
+def _mlp_rows(mlp: nn.Module, adapter: ArchitectureAdapter) -> dict[str, int]:
+    width = getattr(mlp, adapter.mlp_out_proj).in_features
+    return dict.fromkeys(adapter.input_projections("mlp"), width)
+
+
 def mlp_channel_order(mlp: nn.Module, adapter: ArchitectureAdapter) -> torch.Tensor:
-    scores = sum(_row_l1(getattr(mlp, name)) for name in adapter.mlp_in_projs)
+    rows = _mlp_rows(mlp, adapter)
+    scores = sum(_row_l1(projection_weight(mlp, adapter, name, rows)) for name in adapter.mlp_in_projs)
     return _most_important_first(scores, getattr(mlp, adapter.mlp_out_proj).weight)
 
 
 def reorder_mlp(mlp: nn.Module, adapter: ArchitectureAdapter) -> None:
+    rows = _mlp_rows(mlp, adapter)
     order = mlp_channel_order(mlp, adapter).to(getattr(mlp, adapter.mlp_out_proj).weight.device)
     for name in adapter.mlp_in_projs:
-        _permute_rows(getattr(mlp, name), order)
+        permute_projection_rows(mlp, adapter, name, order, rows)
     _permute_columns(getattr(mlp, adapter.mlp_out_proj), order)
+
+
+def _attention_rows(adapter: ArchitectureAdapter, heads: HeadLayout) -> dict[str, int]:
+    kv_width = heads.num_kv_heads * heads.head_dim
+    return {adapter.q_proj: heads.q_width, adapter.k_proj: kv_width, adapter.v_proj: kv_width}
 
 
 def attention_unit_order(attn: nn.Module, adapter: ArchitectureAdapter, heads: HeadLayout) -> torch.Tensor:
     """Units (see HeadLayout) sorted by importance, most important first."""
-    d = heads.head_dim
-    q = _row_l1(getattr(attn, adapter.q_proj)).view(heads.num_heads, d)
-    kv = (_row_l1(getattr(attn, adapter.k_proj)) + _row_l1(getattr(attn, adapter.v_proj))).view(
-        heads.num_kv_heads, d
-    )
+    d, rows = heads.head_dim, _attention_rows(adapter, heads)
+    l1 = {name: _row_l1(projection_weight(attn, adapter, name, rows)) for name in rows}
+    q = l1[adapter.q_proj].view(heads.num_heads, d)
+    kv = (l1[adapter.k_proj] + l1[adapter.v_proj]).view(heads.num_kv_heads, d)
     per_channel = q + kv.repeat_interleave(heads.n_rep, dim=0)  # query head h attends with KV head h // n_rep
     per_unit = per_channel.view(heads.num_units, -1).mean(dim=1)
-    return _most_important_first(per_unit, getattr(attn, adapter.q_proj).weight)
+    return _most_important_first(per_unit, getattr(attn, adapter.o_proj).weight)
 
 
 def _expand(unit_order: torch.Tensor, block: int) -> torch.Tensor:
@@ -73,16 +79,17 @@ def _expand(unit_order: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def reorder_attention(attn: nn.Module, adapter: ArchitectureAdapter, heads: HeadLayout) -> None:
-    units = attention_unit_order(attn, adapter, heads).to(getattr(attn, adapter.q_proj).weight.device)
+    rows = _attention_rows(adapter, heads)
+    units = attention_unit_order(attn, adapter, heads).to(getattr(attn, adapter.o_proj).weight.device)
     q_index = _expand(units, heads.unit_channels)
-    _permute_rows(getattr(attn, adapter.q_proj), q_index)
+    permute_projection_rows(attn, adapter, adapter.q_proj, q_index, rows)
     _permute_columns(getattr(attn, adapter.o_proj), q_index)
     for name in adapter.q_row_norms:
         _permute_norm(getattr(attn, name), q_index)
     if heads.kv_heads_per_unit:
         kv_index = _expand(units, heads.head_dim)
-        _permute_rows(getattr(attn, adapter.k_proj), kv_index)
-        _permute_rows(getattr(attn, adapter.v_proj), kv_index)
+        permute_projection_rows(attn, adapter, adapter.k_proj, kv_index, rows)
+        permute_projection_rows(attn, adapter, adapter.v_proj, kv_index, rows)
         for name in adapter.k_row_norms:
             _permute_norm(getattr(attn, name), kv_index)
 

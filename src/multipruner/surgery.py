@@ -1,7 +1,8 @@
 """Apply a pruning plan to a live model, reversibly and without copying weights.
 
 A removed branch is swapped for a stand-in module (the same ones a saved pruned model uses); a narrower
-width replaces a projection's weight by a *view* of the first channels of the full weight. Switching
+width replaces a projection's weight by a *view* of the first channels of the full weight (a copy for a
+fused linear such as Phi-3's ``qkv_proj``, whose kept rows are not contiguous). Switching
 plans only touches the layers that differ, so the search can try thousands of candidates cheaply, and
 a masked model has exactly the modules and parameter names of the extracted one.
 """
@@ -18,6 +19,7 @@ from .adapters import ArchitectureAdapter, adapter_for
 from .layout import ModelLayout, layout_of
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
 from .plan import PruningPlan
+from .projections import first_rows
 
 
 @dataclass
@@ -54,7 +56,7 @@ class PrunableModel:
                 _Branch(
                     attn,
                     {n: getattr(layer, n) for n in a.attention.norms},
-                    self._params(attn, (a.q_proj, a.k_proj, a.v_proj, a.o_proj)),
+                    self._params(attn, a.linears("attention")),
                     {n: getattr(attn, n).weight for n in (*a.q_row_norms, *a.k_row_norms)},
                 )
             )
@@ -62,7 +64,7 @@ class PrunableModel:
                 _Branch(
                     mlp,
                     {n: getattr(layer, n) for n in a.mlp.norms},
-                    self._params(mlp, (*a.mlp_in_projs, a.mlp_out_proj)),
+                    self._params(mlp, a.linears("mlp")),
                     {},
                 )
             )
@@ -86,28 +88,43 @@ class PrunableModel:
             for n in branch.norms:
                 setattr(layer, n, RemovedNorm())
 
-    def _set_attention_width(self, layer_idx: int, q_width: int) -> None:
-        a, branch = self.adapter, self._attention[layer_idx]
-        kv_width = self.heads.kv_width(q_width)
-        for name, rows in ((a.q_proj, q_width), (a.k_proj, kv_width), (a.v_proj, kv_width)):
+    def _set_width(self, kind: str, layer_idx: int, full: dict[str, int], kept: dict[str, int]) -> None:
+        """Keep the first ``kept[p]`` rows of each input projection ``p`` and the matching output columns."""
+        a = self.adapter
+        branch = (self._attention if kind == "attention" else self._mlp)[layer_idx]
+        *inputs, output = a.linears(kind)
+        for name in inputs:
             weight, bias = branch.params[name]
-            _set_linear(getattr(branch.module, name), weight[:rows], None if bias is None else bias[:rows])
-        weight, bias = branch.params[a.o_proj]
-        _set_linear(getattr(branch.module, a.o_proj), weight[:, :q_width], bias)
+            _set_linear(getattr(branch.module, name), *first_rows(weight, bias, a.fused_linear(name), full, kept))
+        weight, bias = branch.params[output]
+        _set_linear(getattr(branch.module, output), weight[:, : kept[a.input_projections(kind)[0]]], bias)
+
+    def _set_attention_width(self, layer_idx: int, q_width: int) -> None:
+        a, heads = self.adapter, self.heads
+        self._set_width("attention", layer_idx, self._attention_rows(heads.q_width), self._attention_rows(q_width))
+        branch = self._attention[layer_idx]
+        kv_width = heads.kv_width(q_width)
         for names, rows in ((a.q_row_norms, q_width), (a.k_row_norms, kv_width)):
             for name in names:
                 getattr(branch.module, name).weight = nn.Parameter(
                     branch.row_norms[name][:rows], requires_grad=False
                 )
-        branch.module.num_key_value_groups = self.heads.num_kv_groups(q_width)
+        self._set_head_counts(branch.module, q_width)
+
+    def _attention_rows(self, q_width: int) -> dict[str, int]:
+        kv_width = self.heads.kv_width(q_width)
+        return dict(zip(self.adapter.input_projections("attention"), (q_width, kv_width, kv_width), strict=True))
+
+    def _set_head_counts(self, attn: nn.Module, q_width: int) -> None:
+        heads = self.heads
+        self.adapter.set_head_counts(
+            attn, q_width // heads.head_dim, heads.kv_width(q_width) // heads.head_dim, heads.num_kv_groups(q_width)
+        )
 
     def _set_mlp_width(self, layer_idx: int, width: int) -> None:
-        a, branch = self.adapter, self._mlp[layer_idx]
-        for name in a.mlp_in_projs:
-            weight, bias = branch.params[name]
-            _set_linear(getattr(branch.module, name), weight[:width], None if bias is None else bias[:width])
-        weight, bias = branch.params[a.mlp_out_proj]
-        _set_linear(getattr(branch.module, a.mlp_out_proj), weight[:, :width], bias)
+        projections = self.adapter.input_projections("mlp")
+        full = self.layout.mlp_width
+        self._set_width("mlp", layer_idx, dict.fromkeys(projections, full), dict.fromkeys(projections, width))
 
     def _full_or_view(self, kind: str, layer_idx: int, width: int) -> None:
         full = self.layout.attention_width if kind == "attention" else self.layout.mlp_width
@@ -120,7 +137,7 @@ class PrunableModel:
             for name, weight in branch.row_norms.items():
                 getattr(branch.module, name).weight = weight
             if kind == "attention":
-                branch.module.num_key_value_groups = self.heads.n_rep
+                self._set_head_counts(branch.module, self.heads.q_width)
         else:
             setter(layer_idx, width)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .base import ArchitectureAdapter, BranchNames, HeadLayout, UnsupportedArchitectureError
+from .base import ArchitectureAdapter, BranchNames, FusedLinear, HeadLayout, UnsupportedArchitectureError
 from .gemma import GEMMA
 from .llama import LLAMA
 from .olmo2 import OLMO2
+from .phi3 import PHI3
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA, OLMO2)
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, GEMMA, OLMO2, PHI3)
 PRUNED_PREFIX = "multipruner_"
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "ADAPTERS",
     "ArchitectureAdapter",
     "BranchNames",
+    "FusedLinear",
     "HeadLayout",
     "UnsupportedArchitectureError",
     "adapter_for",

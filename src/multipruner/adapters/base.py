@@ -28,6 +28,14 @@ class BranchNames:
 
 
 @dataclass(frozen=True)
+class FusedLinear:
+    """One linear layer that stacks several logical projections' rows, in order (Phi-3's ``qkv_proj``)."""
+
+    name: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class HeadLayout:
     """Attention head geometry of one layer.
 
@@ -101,6 +109,8 @@ class ArchitectureAdapter:
     k_row_norms: tuple[str, ...] = ()
     # each branch's output is normed before the residual add (Gemma, OLMo 2): no linear map folds into it
     branch_outputs_normed: bool = False
+    # linears that hold several of the logical projections above, e.g. q/k/v in one (Phi-3)
+    fused: tuple[FusedLinear, ...] = ()
 
     # --- where things are -------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -147,3 +157,28 @@ class ArchitectureAdapter:
 
     def branch(self, kind: str) -> BranchNames:
         return {"attention": self.attention, "mlp": self.mlp}[kind]
+
+    # --- logical projections and the linears that hold them -------------------------------
+    def input_projections(self, kind: str) -> tuple[str, ...]:
+        """Logical projections whose output rows are the branch's channels (q/k/v; gate/up)."""
+        return (self.q_proj, self.k_proj, self.v_proj) if kind == "attention" else self.mlp_in_projs
+
+    def output_projection(self, kind: str) -> str:
+        return self.o_proj if kind == "attention" else self.mlp_out_proj
+
+    def linear_of(self, projection: str) -> FusedLinear:
+        """The linear holding a logical projection, with the parts stacked in it (just itself if unfused)."""
+        return next((f for f in self.fused if projection in f.parts), FusedLinear(projection, (projection,)))
+
+    def fused_linear(self, name: str) -> FusedLinear:
+        """The parts stacked in the linear called ``name`` (just itself if unfused)."""
+        return next((f for f in self.fused if f.name == name), FusedLinear(name, (name,)))
+
+    def linears(self, kind: str) -> tuple[str, ...]:
+        """Names of the branch's real linear layers: its input linears, then its output projection."""
+        names = dict.fromkeys(self.linear_of(p).name for p in self.input_projections(kind))
+        return (*names, self.output_projection(kind))
+
+    def set_head_counts(self, attn: nn.Module, num_heads: int, num_kv_heads: int, num_kv_groups: int) -> None:
+        """Tell an attention module how many heads its (narrowed) projections now hold."""
+        attn.num_key_value_groups = num_kv_groups

@@ -26,6 +26,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Olmo2ForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
@@ -158,6 +159,10 @@ class MultiPrunerOlmo2ForCausalLM(PrunedCausalLMMixin, Olmo2ForCausalLM):
     pass
 
 
+class MultiPrunerPhi3ForCausalLM(PrunedCausalLMMixin, Phi3ForCausalLM):
+    pass
+
+
 # model_type of the dense family -> pruned model class
 PRUNED_CLASSES = {
     "llama": MultiPrunerLlamaForCausalLM,
@@ -167,4 +172,5 @@ PRUNED_CLASSES = {
     "gemma2": MultiPrunerGemma2ForCausalLM,
     "gemma3_text": MultiPrunerGemma3ForCausalLM,
     "olmo2": MultiPrunerOlmo2ForCausalLM,
+    "phi3": MultiPrunerPhi3ForCausalLM,
 }
