@@ -95,13 +95,17 @@ class PrunableModel:
         *inputs, output = a.linears(kind)
         for name in inputs:
             weight, bias = branch.params[name]
-            _set_linear(getattr(branch.module, name), *first_rows(weight, bias, a.fused_linear(name), full, kept))
+            _set_linear(
+                getattr(branch.module, name), *first_rows(weight, bias, a.fused_linear(name), full, kept)
+            )
         weight, bias = branch.params[output]
         _set_linear(getattr(branch.module, output), weight[:, : kept[a.input_projections(kind)[0]]], bias)
 
     def _set_attention_width(self, layer_idx: int, q_width: int) -> None:
         a, heads = self.adapter, self.heads
-        self._set_width("attention", layer_idx, self._attention_rows(heads.q_width), self._attention_rows(q_width))
+        self._set_width(
+            "attention", layer_idx, self._attention_rows(heads.q_width), self._attention_rows(q_width)
+        )
         branch = self._attention[layer_idx]
         kv_width = heads.kv_width(q_width)
         for names, rows in ((a.q_row_norms, q_width), (a.k_row_norms, kv_width)):
@@ -113,12 +117,17 @@ class PrunableModel:
 
     def _attention_rows(self, q_width: int) -> dict[str, int]:
         kv_width = self.heads.kv_width(q_width)
-        return dict(zip(self.adapter.input_projections("attention"), (q_width, kv_width, kv_width), strict=True))
+        return dict(
+            zip(self.adapter.input_projections("attention"), (q_width, kv_width, kv_width), strict=True)
+        )
 
     def _set_head_counts(self, attn: nn.Module, q_width: int) -> None:
         heads = self.heads
         self.adapter.set_head_counts(
-            attn, q_width // heads.head_dim, heads.kv_width(q_width) // heads.head_dim, heads.num_kv_groups(q_width)
+            attn,
+            q_width // heads.head_dim,
+            heads.kv_width(q_width) // heads.head_dim,
+            heads.num_kv_groups(q_width),
         )
 
     def _set_mlp_width(self, layer_idx: int, width: int) -> None:
