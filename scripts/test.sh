@@ -4,6 +4,7 @@
 # (tests marked slow use a real embedded model or take more than ~5 s on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODELS=${MODELS:-all} bash scripts/setup.sh  # the tests check every embedded model's files
+# the tests check every embedded model's files, and exported GGUF files in llama.cpp
+MODELS=${MODELS:-all} LLAMACPP=${LLAMACPP:-1} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""Command-line interface: `multipruner prune | extract | compensate | recover | inspect | eval | bench | report`.
+"""Command-line interface: `multipruner prune | extract | compensate | recover | inspect | eval | bench | export | report`.
 
 Flags come from the settings dataclasses (``cli_options``); ``prune`` also accepts the reference's flag
 spellings, so the authors' published commands run with only the program name changed.
@@ -443,6 +443,63 @@ def cmd_bench(args) -> None:
         atomic_write_text(Path(args.output), json.dumps(comparison, indent=2) + "\n")
 
 
+# --- export -------------------------------------------------------------------------------------
+def add_export(sub) -> None:
+    from .gguf_export import GGUFExportSettings
+    from .models import ModelSettings
+
+    p = sub.add_parser(
+        "export", help="write a dense or pruned model as GGUF for llama.cpp (deci architecture)"
+    )
+    add_settings(p, ModelSettings)
+    p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (default: gguf)")
+    add_settings(p, GGUFExportSettings)
+    p.add_argument("--output", required=True, help="the .gguf file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def vocabulary_gguf(spec: str) -> Path | None:
+    """The GGUF file whose vocabulary a model uses: the model's own, or its dense source's (pruned dirs)."""
+    from .models import EMBEDDED
+
+    if Path(spec).is_dir():
+        source = dense_source_of(spec)
+        return None if source is None else vocabulary_gguf(source)
+    if spec in EMBEDDED:
+        return EMBEDDED[spec].gguf_path()
+    return Path(spec) if spec.endswith(".gguf") and Path(spec).is_file() else None
+
+
+def _display_name(spec: str) -> str:
+    """``runs/smol10/model`` -> ``smol10-model``: the run says more than the folder name ``model``."""
+    path = Path(spec)
+    return f"{path.resolve().parent.name}-{path.name}" if path.is_dir() else path.stem
+
+
+def cmd_export(args) -> None:
+    from .gguf_export import GGUFExportSettings, check_output, export_gguf
+    from .models import ModelSettings
+
+    settings = settings_from_args(GGUFExportSettings, args)
+    output = Path(args.output)
+    check_output(output, settings.overwrite)
+    model_settings = replace(settings_from_args(ModelSettings, args), dtype="float32", device="cpu")
+    model, tokenizer = model_settings.load()
+    vocab = vocabulary_gguf(args.model)
+    path = export_gguf(
+        model,
+        output,
+        outtype=settings.outtype,
+        overwrite=settings.overwrite,
+        tokenizer=tokenizer,
+        tokenizer_dir=Path(args.model) if Path(args.model).is_dir() else None,
+        tokenizer_gguf=vocab,
+        name=_display_name(args.model),
+    )
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, {settings.outtype}, vocabulary from {vocab or args.model})")
+
+
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="report.md and figures for a run directory")
     p.add_argument("run_dir")
@@ -469,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_inspect,
         add_eval,
         add_bench,
+        add_export,
         add_report,
     ):
         add(sub)
