@@ -5,7 +5,8 @@ For each model (the pruned one and its dense source) and each --outtypes entry:
     llama.cpp on the *same token ids* (the EOS label left out in both, as `multipruner eval` does);
   * the next-token logits of a prompt: max |difference| / max |logit|;
   * llama.cpp speed: prompt processing (one --prompt-tokens prompt) and greedy generation
-    (--new-tokens tokens), tokens/s, median of --repeats, with --threads threads.
+    (--new-tokens tokens), tokens/s, median of --repeats runs taken in alternation with the other
+    model, with --threads threads.
 
     .venv/bin/python benchmarks/llamacpp_check.py --model runs/smollm2-135m/model --out-dir runs/gguf
 """
@@ -18,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import torch
 from llama_cpp import Llama
@@ -47,32 +49,48 @@ def llama_cpp_perplexity(llm: Llama, windows: torch.Tensor, ignore: int | None) 
     return float(np.exp(total / count))
 
 
-def speed(path: Path, args) -> dict:
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=args.prompt_tokens + args.new_tokens + 8,
-        n_batch=512,
-        n_threads=args.threads,
-        verbose=False,
-    )
-    prompt = [
-        int(t)
-        for t in torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
-    ]
-    prefill, decode = [], []
+def _greedy_next(llm: Llama) -> int:
+    # without logits_all, llama-cpp-python keeps no scores: read the context's last logits directly
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
+def _time_once(llm: Llama, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, greedy decode tokens/s) of one run."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - start)
+    token = _greedy_next(llm)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])
+        token = _greedy_next(llm)
+    return prefill, new_tokens / (time.perf_counter() - start)
+
+
+def speeds(paths: dict[str, Path], args) -> dict[str, dict]:
+    """Both models timed in alternation (dense, pruned, dense, ...) so drift hits both alike; medians."""
+    ctx = args.prompt_tokens + args.new_tokens + 8
+    llms = {
+        name: Llama(model_path=str(p), n_ctx=ctx, n_batch=512, n_threads=args.threads, verbose=False)
+        for name, p in paths.items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    prompt = [int(t) for t in torch.randint(100, 1000, (args.prompt_tokens,), generator=generator)]
+    runs: dict[str, list] = {name: [] for name in llms}
     for _ in range(args.repeats):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prefill.append(args.prompt_tokens / (time.perf_counter() - start))
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        start = time.perf_counter()
-        for _ in range(args.new_tokens):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode.append(args.new_tokens / (time.perf_counter() - start))
-    llm.close()
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+        for name, llm in llms.items():
+            runs[name].append(_time_once(llm, prompt, args.new_tokens))
+    for llm in llms.values():
+        llm.close()
+    return {
+        name: {
+            "prefill_tok_s": statistics.median(r[0] for r in timed),
+            "decode_tok_s": statistics.median(r[1] for r in timed),
+        }
+        for name, timed in runs.items()
+    }
 
 
 def check(name: str, spec: str, args) -> dict:
@@ -115,7 +133,7 @@ def check(name: str, spec: str, args) -> dict:
             "ppl_rel_diff": ppl / hf_ppl - 1,
             "prompt_logits_rel_err": float(np.abs(logits - hf_logits).max() / np.abs(hf_logits).max()),
             "same_next_token": int(np.argmax(logits)) == int(np.argmax(hf_logits)),
-            **speed(path, args),
+            "path": str(path),
         }
         print(json.dumps({name: {outtype: row[outtype]}}), flush=True)
     return row
@@ -129,14 +147,18 @@ def main() -> None:
     parser.add_argument("--outtypes", default="f32,f16,q8_0")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     dense = args.dense or dense_source_of(args.model)
     rows = [check("dense", dense, args), check("pruned", args.model, args)]
+    for outtype in args.outtypes.split(","):
+        timed = speeds({row["model"]: Path(row[outtype]["path"]) for row in rows}, args)
+        for row in rows:
+            row[outtype] |= timed[row["model"]]
     (args.out_dir / "llamacpp_check.json").write_text(json.dumps(rows, indent=2) + "\n")
     for outtype in args.outtypes.split(","):
         d, p = rows[0][outtype], rows[1][outtype]
