@@ -326,6 +326,35 @@ CASES = [
         "new-tokens",
     ),
     ("report-not-a-run", lambda w: ["report", _foreign_dir(w)], "not a multipruner run"),
+    # export
+    (
+        "export-output-exists",
+        lambda w: ["export", "--model", str(w.pruned), "--output", str(w.calib)],
+        "already exists; pass --overwrite",
+    ),
+    (
+        "export-output-is-a-directory",
+        lambda w: ["export", "--model", str(w.pruned), "--output", str(w.run)],
+        "is a directory",
+    ),
+    (
+        "export-outtype-gguf-cannot-write",
+        lambda w: [
+            "export",
+            "--model",
+            str(w.pruned),
+            "--outtype",
+            "q4_k",
+            "--output",
+            str(w.root / "x.gguf"),
+        ],
+        "invalid choice: 'q4_k'",
+    ),
+    (
+        "export-missing-model",
+        lambda w: ["export", "--model", str(w.root / "nowhere"), "--output", str(w.root / "x.gguf")],
+        "not found",
+    ),
     # compensate / recover
     (
         "compensate-negative-damping",
