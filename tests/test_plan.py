@@ -125,7 +125,7 @@ def test_unsupported_architecture_lists_supported():
 
     with pytest.raises(
         UnsupportedArchitectureError,
-        match="supported model types: gemma2, gemma3_text, llama, mistral, olmo2, qwen2, qwen3",
+        match="supported model types: gemma2, gemma3_text, llama, mistral, olmo2, phi3, qwen2, qwen3",
     ):
         adapter_for(GPT2Config())
 
