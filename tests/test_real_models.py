@@ -1,4 +1,5 @@
-"""The invariants on the real embedded models (dequantized GGUF, fp32): SmolLM2-135M and Gemma-3-270M."""
+"""The invariants on the real embedded models (dequantized GGUF, fp32): SmolLM2-135M, Gemma-3-270M and
+Qwen2.5-Coder-0.5B."""
 
 from __future__ import annotations
 
@@ -68,4 +69,15 @@ def test_gemma3_invariants(tmp_path):
         pytest.skip(str(err))
     layout = layout_of(model)
     assert layout.heads.is_mqa and layout.attention_width != layout.hidden_size  # 4 x 256 != 640
+    _check_model(model, tokenizer, tmp_path)
+
+
+def test_qwen25_invariants(tmp_path):
+    """The Qwen2 path on real weights: q/k/v biases, GQA 14/2, an untied 151k-token head."""
+    try:
+        model, tokenizer = load_model("qwen2.5-0.5b")
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    layout = layout_of(model)
+    assert (layout.num_layers, layout.num_heads, layout.num_kv_heads) == (24, 14, 2) and layout.kv_bias
     _check_model(model, tokenizer, tmp_path)
