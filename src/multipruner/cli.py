@@ -95,7 +95,8 @@ def cmd_prune(args) -> None:
         progress=not args.quiet,
     )
     run = prune(job)
-    print(prune_summary(run))
+    if run is not None:  # None: a torchrun process other than rank 0
+        print(prune_summary(run))
 
 
 def prune_summary(run) -> str:

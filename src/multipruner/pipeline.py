@@ -22,6 +22,7 @@ import torch
 
 from .calibration import CalibrationSettings
 from .compensate import CompensateSettings, compensate, compensation_summary
+from .distributed import Workers, bind_device, check_world_size, join, world_size
 from .errors import UsageError
 from .evaluation.runner import EvalSettings
 from .export import extract, load_pruned, prepare_dense, save_pruned
@@ -120,6 +121,8 @@ class RunContext:
 
     def __init__(self, job: PruneJob, run: RunDirectory):
         self.job, self.run = job, run
+        self.workers: Workers | None = None  # the other processes of a torchrun launch
+        self._workers_released = False
         self.model = self.tokenizer = self.prunable = None
         self.layout: ModelLayout | None = None
         self.search: SearchSettings | None = None
@@ -138,12 +141,20 @@ class RunContext:
                 "instead (its multipruner_plan.json names the source)"
             )
         self.layout = layout_of(self.model)
+        check_world_size(self.layout.num_layers)
         self.search = self.job.search.resolved(self.layout)
         check_seqlen(self.model, self.job.calibration.seqlen)
         self.prunable = prepare_dense(self.model, self.search.weight_reorder)
 
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))
+
+    def release_workers(self, search: dict | None = None) -> None:
+        """Rank 0: send the other processes the search to share (its calibration tokens and the steps
+        already done), or None when there is none to run. Called once; a no-op without torchrun."""
+        if self.workers is not None and not self._workers_released:
+            self.workers.broadcast(search)
+            self._workers_released = True
 
     def stages(self) -> list[str]:
         """The models this job makes, in order (the plain pruned one always)."""
@@ -220,7 +231,10 @@ class SearchPhase(Phase):
         torch.manual_seed(job.calibration.seed)
         device = job.model.torch_device()
         loss = LossSettings(ignore_index=ignored_label(ctx.tokenizer), batch_size=job.calibration.batch_size)
-        scorers = {k: CalibrationScorer(ctx.prunable, v, loss, device) for k, v in calibration.items()}
+        scorers = {
+            k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)
+            for k, v in calibration.items()
+        }
         dense = run.dense_record()
         if dense is None:
             started = time.perf_counter()
@@ -250,6 +264,7 @@ class SearchPhase(Phase):
                 on_step=on_step,
             )
         else:
+            ctx.release_workers({"calibration": calibration, "done": [r.to_dict() for r in done]})
             plan = run_search(
                 ctx.prunable, scorers, ctx.search, done_steps=done, on_step=on_step, progress=job.progress
             )
@@ -456,15 +471,41 @@ def start_or_resume(job: PruneJob, run: RunDirectory) -> None:
         log.info("migrated %s to %s", run.manifest_file, manifest.format)
 
 
-def prune(job: PruneJob) -> RunDirectory:
-    """Run every wanted phase that is not done; returns the run directory."""
+def search_worker(ctx: RunContext) -> None:
+    """A process other than rank 0 of a torchrun launch: score its share of the search, write nothing."""
+    search = ctx.workers.broadcast()
+    if search is None:
+        return
+    job = ctx.job
+    loss = LossSettings(ignore_index=ignored_label(ctx.tokenizer), batch_size=job.calibration.batch_size)
+    device = job.model.torch_device()
+    scorers = {
+        k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)
+        for k, v in search["calibration"].items()
+    }
+    done = [StepRecord.from_dict(r) for r in search["done"]]
+    run_search(ctx.prunable, scorers, ctx.search, done_steps=done, progress=False)
+
+
+def prune(job: PruneJob) -> RunDirectory | None:
+    """Run every wanted phase that is not done; returns the run directory (None on a torchrun process
+    other than rank 0, which only shares the search)."""
     job.validate()
     run = RunDirectory(job.output_dir())
+    ctx = RunContext(job, run)
+    if world_size() > 1:
+        if job.search.method == "shortgpt":
+            raise UsageError("--method shortgpt scores in one shot; run it without torchrun")
+        bind_device(job.model.torch_device())
+        ctx.load()  # every process; checks the process count against the layers before any waits
+        ctx.workers = join(job.model.torch_device())
+        if not ctx.workers.is_main:
+            search_worker(ctx)
+            return None
     if run.exists() and not job.run.resume:
         raise RunDirError(
             f"{run.path} already holds a run; pass --resume to continue it, or choose another output"
         )
-    ctx = RunContext(job, run)
     if not run.exists():  # model-dependent checks and calibration data fail before anything is written
         ctx.load()
         ctx.calibration = job.calibration.build(ctx.tokenizer)
@@ -476,6 +517,8 @@ def prune(job: PruneJob) -> RunDirectory:
         if phase.done(ctx):
             log.info("phase %s: done already", phase.name)
             continue
+        if phase.name != "search":
+            ctx.release_workers()  # the search, if any, is over
         log.info("phase %s", phase.name)
         started = time.perf_counter()
         facts = phase.run(ctx)
@@ -484,6 +527,7 @@ def prune(job: PruneJob) -> RunDirectory:
             log.info(
                 "the search stopped at --max-steps; the phases after it use the plan so far (resume to go on)"
             )
+    ctx.release_workers()
     return run
 
 

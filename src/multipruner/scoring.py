@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ArchitectureAdapter
+from .distributed import Workers
 from .faults import crash_point
 from .plan import PruningPlan
 from .racing import RaceSettings, exact_survivors, paired_survivors
@@ -120,6 +121,7 @@ class CalibrationScorer:
         tokens: torch.Tensor,
         settings: LossSettings,
         device: str | torch.device = "cpu",
+        workers: Workers | None = None,
     ):
         if tokens.ndim != 2 or tokens.shape[0] == 0:
             raise ValueError("calibration tokens must be a non-empty [sequences, seqlen] tensor")
@@ -127,6 +129,7 @@ class CalibrationScorer:
         self.tokens = tokens
         self.settings = settings
         self.device = torch.device(device)
+        self.workers = workers  # other processes scoring a share of each step's candidates (torchrun)
         # candidate key -> (its plan, {batch: {layer index: hidden states entering that layer}})
         self._saved: dict[Hashable, tuple[PruningPlan, dict[int, dict[int, torch.Tensor]]]] = {}
         self.layers_run = 0  # decoder-layer forwards, for benchmarks
@@ -230,6 +233,7 @@ class CalibrationScorer:
             sequence_nll=[run.sequence_nll(k) if run.nll[k] else torch.empty(0) for k in range(len(plans))],
             skipped_batches=skipped,
             total_batches=len(batches) * len(plans),
+            batches_by_process=None if self.workers is None else self.workers.all_gather(run.scored_here),
         )
 
 
@@ -243,6 +247,7 @@ class StepScores:
     sequence_nll: list[torch.Tensor]  # each candidate's mean NLL per sequence scored, in sequence order
     skipped_batches: int  # candidate-batches not run thanks to racing
     total_batches: int
+    batches_by_process: list[int] | None = None  # with torchrun: candidate-batches each process ran
 
     def best(self) -> int:
         """Index of the lowest perplexity (the first one on ties)."""
@@ -268,6 +273,7 @@ class _StepRun:
         }
         batch_tokens = scorer.settings.batch_size * scorer.tokens.shape[1]
         self.keep = scorer._keep_rule(first_layers, batch_tokens)
+        self.scored_here = 0  # candidate-batches this process ran
 
     def batch(self, b: int, members) -> None:
         """Score the candidates ``members`` on batch ``b`` (one recording forward, then one tail each)."""
@@ -283,7 +289,9 @@ class _StepRun:
             scorer.layers_run += len(layers)
         finally:
             recorder.remove()
-        for k in sorted(members):
+        workers = scorer.workers
+        mine = [k for k in sorted(members) if workers is None or workers.owns(self.first_layers[k])]
+        for k in mine:
             plan, key = self.plans[k], self.keys[k]
             start, hidden, reusable = self.first_layers[k], recorder.inputs[self.first_layers[k]], {}
             if self.saved.get(key) is not None:
@@ -296,11 +304,18 @@ class _StepRun:
             with p.trial(plan):
                 nll, kept = scorer._run_tail(recorder, hidden, start, ids, self.keep)
             self.nll[k][b] = nll
+            self.scored_here += 1
             crash_point("candidate_scored")
             if key is not None:
                 self.fresh[key][1][b] = {**{m: h for m, h in reusable.items() if m <= start}, **kept}
-            if self.on_batch:
+            if self.on_batch and workers is None:
                 self.on_batch(1)
+        if workers is not None:  # every process ends the batch with every member's losses
+            for share in workers.all_gather({k: self.nll[k][b].cpu() for k in mine}):
+                for k, nll in share.items():
+                    self.nll[k][b] = nll
+            if self.on_batch:
+                self.on_batch(len(members))
 
     def sequence_nll(self, k: int) -> torch.Tensor:
         return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])

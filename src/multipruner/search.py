@@ -281,6 +281,7 @@ class StepRecord:
     plan: dict  # PruningPlan.to_dict()
     skipped_batches: int = 0  # candidate-batches that racing did not need to run
     total_batches: int = 0
+    batches_by_process: list[int] | None = None  # candidate-batches each torchrun process scored
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -397,6 +398,7 @@ def run_search(
                 plan=plan.to_dict(),
                 skipped_batches=scores.skipped_batches,
                 total_batches=scores.total_batches,
+                batches_by_process=scores.batches_by_process,
             )
             log.info(
                 "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d batches)",
