@@ -167,6 +167,7 @@ CASES = [
         "less than one sequence",
     ),
     ("unknown-method", lambda w: w.prune("--method", "slicegpt"), "invalid choice: 'slicegpt'"),
+    ("layer-major-budget-negative", lambda w: w.prune("--layer-major-mb", "-5"), "--layer-major-mb must be"),
     (
         "shortgpt-with-distribution",
         lambda w: [*w.prune(), "--method", "shortgpt"],

@@ -230,7 +230,11 @@ class SearchPhase(Phase):
         random.seed(job.calibration.seed)
         torch.manual_seed(job.calibration.seed)
         device = job.model.torch_device()
-        loss = LossSettings(ignore_index=ignored_label(ctx.tokenizer), batch_size=job.calibration.batch_size)
+        loss = LossSettings(
+            ignore_index=ignored_label(ctx.tokenizer),
+            batch_size=job.calibration.batch_size,
+            layer_major_budget_mb=ctx.search.layer_major_mb,
+        )
         scorers = {
             k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)
             for k, v in calibration.items()
@@ -477,7 +481,11 @@ def search_worker(ctx: RunContext) -> None:
     if search is None:
         return
     job = ctx.job
-    loss = LossSettings(ignore_index=ignored_label(ctx.tokenizer), batch_size=job.calibration.batch_size)
+    loss = LossSettings(
+        ignore_index=ignored_label(ctx.tokenizer),
+        batch_size=job.calibration.batch_size,
+        layer_major_budget_mb=ctx.search.layer_major_mb,
+    )
     device = job.model.torch_device()
     scorers = {
         k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)

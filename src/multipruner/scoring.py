@@ -35,6 +35,9 @@ class LossSettings:
     chunk_tokens: int = 1024
     batch_size: int = 2
     reuse_budget_mb: float = 2048.0  # hidden states kept between steps (0 disables cross-step reuse)
+    # layer-major scoring: candidates whose tails reach a layer with the same modules pass it in one call,
+    # up to this much activation memory per call (0: one candidate at a time)
+    layer_major_budget_mb: float = 0.0
 
 
 def ignored_label(tokenizer) -> int | None:
@@ -105,6 +108,28 @@ class _LayerInputRecorder:
             handle.remove()
 
 
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _repeat_batch(value, times: int, batch: int):
+    """Call arguments for ``times`` stacked copies of a batch: batch-leading tensors repeated along dim 0
+    (masks, rotary tables, position ids); anything else, such as a 1-D cache position, as it is."""
+    if times == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return (
+            value.repeat(times, *([1] * (value.ndim - 1)))
+            if value.ndim >= 2 and value.shape[0] == batch
+            else value
+        )
+    if isinstance(value, tuple | list):
+        return type(value)(_repeat_batch(v, times, batch) for v in value)
+    if isinstance(value, dict):
+        return {key: _repeat_batch(v, times, batch) for key, v in value.items()}
+    return value
+
+
 class CalibrationScorer:
     """Scores plans on one calibration set; the model's current plan is the common base of all candidates.
 
@@ -158,11 +183,74 @@ class CalibrationScorer:
         for index in range(start, p.layout.num_layers):
             if index > start and keep(index):
                 kept[index] = hidden
-            out = p.adapter.layers(model)[index](hidden, **recorder.kwargs[index])
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = _layer_output(p.adapter.layers(model)[index](hidden, **recorder.kwargs[index]))
             self.layers_run += 1
         normed = p.adapter.final_norm(model)(hidden)
         return sequence_nll(model, p.adapter, normed, ids, self.settings), kept
+
+    def _run_tails_layer_major(
+        self,
+        recorder: _LayerInputRecorder,
+        tails: list,
+        first_layers: Sequence[int],
+        plans: Sequence[PruningPlan],
+        ids: torch.Tensor,
+        keep: Callable[[int], bool],
+    ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        """What ``_run_tail`` gives for each tail, layer by layer instead of candidate by candidate.
+
+        A candidate changes only its own layer, so past it every candidate's tail runs the current plan's
+        modules: at each layer, the hidden states of all candidates already past their own layer are
+        concatenated along the batch and go through that layer in one call (chunked by
+        ``layer_major_budget_mb``); a candidate's own layer runs alone, under its plan.
+        """
+        p, model = self.prunable, self.prunable.model
+        layers, n_layers = p.adapter.layers(model), p.layout.num_layers
+        batch = ids.shape[0]
+        dtype_bytes = next(model.parameters()).element_size()
+        per_candidate_mb = batch * ids.shape[1] * self._activation_width() * dtype_bytes / 2**20
+        chunk = max(1, int(self.settings.layer_major_budget_mb // per_candidate_mb))
+        kept: dict[int, dict[int, torch.Tensor]] = {k: {} for k, *_ in tails}
+        starting: dict[int, list] = {}
+        for k, start, hidden, _ in tails:
+            starting.setdefault(start, []).append((k, hidden))
+        active: list[tuple[int, torch.Tensor]] = []  # (candidate, state entering the current layer)
+        for index in range(min(starting, default=n_layers), n_layers):
+            shared = []
+            for k, hidden in active:
+                if keep(index):
+                    kept[k][index] = hidden
+                shared.append((k, hidden))
+            passed = []
+            for k, hidden in starting.get(index, []):
+                if first_layers[k] == index:  # its own layer: alone, under its plan
+                    with p.trial(plans[k]):
+                        passed.append((k, _layer_output(layers[index](hidden, **recorder.kwargs[index]))))
+                    self.layers_run += 1
+                else:  # restarting past its own layer from saved states: the shared modules from here
+                    shared.append((k, hidden))
+            for lo in range(0, len(shared), chunk):
+                group = shared[lo : lo + chunk]
+                kwargs = _repeat_batch(recorder.kwargs[index], len(group), batch)
+                out = _layer_output(layers[index](torch.cat([h for _, h in group]), **kwargs))
+                passed.extend((k, h) for (k, _), h in zip(group, out.split(batch), strict=True))
+                self.layers_run += len(group)
+            active = passed
+        finals = dict(active)
+        results = []
+        for k, *_ in tails:
+            normed = p.adapter.final_norm(model)(finals[k])
+            results.append((sequence_nll(model, p.adapter, normed, ids, self.settings), kept[k]))
+        return results
+
+    def _activation_width(self) -> int:
+        """Widest per-token activation inside a layer (hidden, MLP intermediate, or q/k/v rows)."""
+        layout = self.prunable.layout
+        return max(
+            layout.hidden_size,
+            2 * layout.mlp_width,
+            layout.attention_width + 2 * layout.num_kv_heads * layout.head_dim,
+        )
 
     def _keep_rule(self, first_layers: Sequence[int], batch_tokens: int) -> Callable[[int], bool]:
         """Which layers' inputs to keep for reuse: all of them, or every k-th to stay within the budget."""
@@ -291,23 +379,22 @@ class _StepRun:
             recorder.remove()
         workers = scorer.workers
         mine = [k for k in sorted(members) if workers is None or workers.owns(self.first_layers[k])]
-        for k in mine:
-            plan, key = self.plans[k], self.keys[k]
-            start, hidden, reusable = self.first_layers[k], recorder.inputs[self.first_layers[k]], {}
-            if self.saved.get(key) is not None:
-                old_plan, old_states = self.saved[key]
-                valid_until = first_difference(plan, old_plan)
-                reusable = {m: h for m, h in old_states.get(b, {}).items() if m <= valid_until}
-                if reusable and max(reusable) > start:
-                    start = max(reusable)
-                    hidden = reusable[start]
-            with p.trial(plan):
-                nll, kept = scorer._run_tail(recorder, hidden, start, ids, self.keep)
+        tails = [self._tail_start(k, b, recorder) for k in mine]
+        if scorer.settings.layer_major_budget_mb > 0:
+            results = scorer._run_tails_layer_major(
+                recorder, tails, self.first_layers, self.plans, ids, self.keep
+            )
+        else:
+            results = []
+            for k, start, hidden, _ in tails:
+                with p.trial(self.plans[k]):
+                    results.append(scorer._run_tail(recorder, hidden, start, ids, self.keep))
+        for (k, start, _, reusable), (nll, kept) in zip(tails, results, strict=True):
             self.nll[k][b] = nll
             self.scored_here += 1
             crash_point("candidate_scored")
-            if key is not None:
-                self.fresh[key][1][b] = {**{m: h for m, h in reusable.items() if m <= start}, **kept}
+            if self.keys[k] is not None:
+                self.fresh[self.keys[k]][1][b] = {**{m: h for m, h in reusable.items() if m <= start}, **kept}
             if self.on_batch and workers is None:
                 self.on_batch(1)
         if workers is not None:  # every process ends the batch with every member's losses
@@ -316,6 +403,20 @@ class _StepRun:
                     self.nll[k][b] = nll
             if self.on_batch:
                 self.on_batch(len(members))
+
+    def _tail_start(self, k: int, b: int, recorder: _LayerInputRecorder):
+        """``(k, first layer to run, its input, reusable saved states)``: from the recorded input of the
+        candidate's own layer, or later from its states of the last step that are still valid."""
+        plan, key = self.plans[k], self.keys[k]
+        start, hidden, reusable = self.first_layers[k], recorder.inputs[self.first_layers[k]], {}
+        if self.saved.get(key) is not None:
+            old_plan, old_states = self.saved[key]
+            valid_until = first_difference(plan, old_plan)
+            reusable = {m: h for m, h in old_states.get(b, {}).items() if m <= valid_until}
+            if reusable and max(reusable) > start:
+                start = max(reusable)
+                hidden = reusable[start]
+        return k, start, hidden, reusable
 
     def sequence_nll(self, k: int) -> torch.Tensor:
         return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])

@@ -127,6 +127,13 @@ class SearchSettings:
         "fast: also drop those a paired test shows worse; off: score every candidate on every batch",
         choices=RACE_MODES,
     )
+    layer_major_mb: float = setting(
+        0.0,
+        help="layer-major scoring: candidates past their own layer go through each later layer in one call, "
+        "up to this many MB of activations (0: one candidate at a time; the same scores either way; "
+        "slower on CPU, meant for GPUs)",
+        affects_result=False,
+    )
     max_steps: int | None = setting(
         None,
         help="stop after this many search steps (resume later)",
@@ -170,6 +177,10 @@ class SearchSettings:
         problems = []
         if not 0 < self.target_ratio < 100:
             problems.append(f"target ratio must be in (0, 100) percent, got {self.target_ratio}")
+        if self.layer_major_mb < 0:
+            problems.append(
+                f"--layer-major-mb must be 0 (off) or a positive budget, got {self.layer_major_mb}"
+            )
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
             return problems
