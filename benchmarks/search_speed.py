@@ -7,7 +7,11 @@ Step 0 has no earlier states to reuse, so the script scores step 0 with (b), app
 search would, then times steps 1..N (``--steps``) with both (a) and (b), checks that they rank the
 candidates alike, and applies each step's choice.
 
-    .venv/bin/python benchmarks/search_speed.py [--dtype float32|bfloat16] [--sequences 4] [--seqlen 512] [--steps 1]
+    .venv/bin/python benchmarks/search_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--sequences 4] [--seqlen 512] [--steps 1]
+
+``--whole-run N`` instead runs the search itself (the main job's settings and default calibration
+sets) for N steps once per racing mode (off, exact, fast), and reports each mode's time, the
+candidate-batches racing skipped, and whether its steps chose what scoring everything chose.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import gc
 import os
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
-from multipruner.data import build_calibration_sets
+from multipruner.calibration import CalibrationSettings
 from multipruner.export import prepare_dense
 from multipruner.models import load_model
 from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
-from multipruner.search import SearchSettings, block_candidates, initial_plan
+from multipruner.search import SearchSettings, block_candidates, initial_plan, run_search
 
 
 class PeakRss:
@@ -63,16 +68,30 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1, help="block steps after step 0 to time both ways")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--whole-run", type=int, default=0, metavar="N", help="compare racing modes over N steps"
+    )
+    parser.add_argument(
+        "--whole-run-tokens",
+        type=int,
+        default=None,
+        help="tokens per calibration set (default: prune's defaults)",
+    )
     args = parser.parse_args()
+    if args.whole_run:
+        return whole_run(args)
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     prunable = prepare_dense(model, weight_reorder=True)
-    tokens = build_calibration_sets(
-        "default", tokenizer, num_samples_block=400, num_samples_width=40, seqlen=args.seqlen, seed=42
-    )["block"][: args.sequences]
+    tokens = CalibrationSettings(seqlen=args.seqlen, block_tokens=args.sequences * args.seqlen).build(
+        tokenizer
+    )["block"]
     loss = LossSettings(ignore_index=ignored_label(tokenizer), batch_size=args.batch_size)
-    settings = SearchSettings(10.0, (44, 52, 4), 128, 192)
-    scorer = CalibrationScorer(prunable, tokens, loss)
+    settings = SearchSettings(
+        target_ratio=10.0, distribution=(44, 52, 4), mlp_group_size=128, attention_group_size=192
+    )
+    scorer = CalibrationScorer(prunable, tokens, loss, args.device)
     print(
         f"model {args.model} {args.dtype}; calibration {tuple(tokens.shape)}; {torch.get_num_threads()} threads"
     )
@@ -82,7 +101,7 @@ def main() -> None:
         started = time.perf_counter()
         with PeakRss() as mem:
             scores = scorer.score([c.apply(plan) for c in cands], [c.layer for c in cands], keys=cands)
-        return cands, scores, time.perf_counter() - started, mem.mb
+        return cands, scores.ppl, time.perf_counter() - started, mem.mb
 
     plan = initial_plan(prunable.layout, settings)
     cands0, scores0, t0, _ = fast_step(plan)
@@ -133,6 +152,50 @@ def main() -> None:
         f"steps 1-{args.steps}: (a) {totals['a']:.1f}s, (b) {totals['b']:.1f}s, speed-up {totals['a'] / totals['b']:.2f}x; "
         f"step 0 (nothing to reuse yet) would be {t0:.1f}s for (b)"
     )
+
+
+def whole_run(args) -> None:
+    """The search for ``args.whole_run`` steps once per racing mode, on the main job's settings."""
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    prunable = prepare_dense(model, weight_reorder=True)
+    sizes = (
+        {}
+        if args.whole_run_tokens is None
+        else dict(block_tokens=args.whole_run_tokens, width_tokens=args.whole_run_tokens)
+    )
+    sets = CalibrationSettings(seqlen=args.seqlen, **sizes).build(tokenizer)
+    loss = LossSettings(ignore_index=ignored_label(tokenizer), batch_size=args.batch_size)
+    results = {}
+    for mode in ("off", "exact", "fast"):
+        settings = SearchSettings(
+            target_ratio=10.0,
+            distribution=(44, 52, 4),
+            mlp_group_size=128,
+            attention_group_size=192,
+            search=mode,
+        )
+        settings = replace(settings, max_steps=args.whole_run)
+        scorers = {k: CalibrationScorer(prunable, v, loss, args.device) for k, v in sets.items()}
+        records = []
+        started = time.perf_counter()
+        run_search(
+            prunable, scorers, settings, on_step=lambda r, p, out=records: out.append(r), progress=False
+        )
+        elapsed = time.perf_counter() - started
+        prunable.restore()
+        results[mode] = (elapsed, records)
+        skipped = sum(r.skipped_batches for r in records)
+        total = sum(r.total_batches for r in records)
+        print(
+            f"{mode:>5}: {len(records)} steps in {elapsed:7.1f} s; racing skipped {skipped} of {total} candidate-batches"
+        )
+    off_time, off_records = results["off"]
+    for mode in ("exact", "fast"):
+        elapsed, records = results[mode]
+        same = [r.choice == o.choice for r, o in zip(records, off_records, strict=True)]
+        print(
+            f"{mode:>5}: {off_time / elapsed:.2f}x faster than off; same choice in {sum(same)} of {len(same)} steps"
+        )
 
 
 if __name__ == "__main__":
