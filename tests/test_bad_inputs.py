@@ -180,6 +180,23 @@ CASES = [
         "no CUDA",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
     ),
+    *(
+        pytest.param(
+            f"{command}-cuda-without-gpu",
+            lambda w, command=command: [command, "--model", str(w.pruned), "--device", "cuda"],
+            "no CUDA",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        )
+        for command in ("eval", "bench", "inspect")
+    ),
+    *(
+        (
+            f"{command}-unknown-device",
+            lambda w, command=command: [command, "--model", str(w.pruned), "--device", "tpu"],
+            "device",
+        )
+        for command in ("eval", "bench")
+    ),
     # prune: the model and the data
     ("model-missing", lambda w: w.prune()[:2] + ["./no/such/model"] + w.prune()[3:], "model path not found"),
     (

@@ -54,6 +54,8 @@ def test_prune_end_to_end_with_extract_then_bench_finds_the_dense_model(
         "2",
         "--repeats",
         "1",
+        "--device",
+        "cpu",  # every command that runs a model takes --device (issue 12)
     ]
     assert main([*bench_args, "--output", str(run / "bench.json")]) == 0
     bench = json.loads((run / "bench.json").read_text())
