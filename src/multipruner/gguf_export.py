@@ -37,7 +37,7 @@ from .adapters import ArchitectureAdapter, adapter_for
 from .errors import UsageError
 from .inspect_model import describe_layers
 from .io_utils import follow_umask, remove_stale_temporaries
-from .projections import part_rows
+from .projections import attention_rows, mlp_rows, part_rows
 from .settings import setting
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,6 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 def _hf_tensors(model: nn.Module, adapter: ArchitectureAdapter, shapes: list[LayerShape]) -> Iterator:
     """``(hf_name, tensor)`` with fused linears split into their logical projections (tied weights once)."""
     head_dim = adapter.head_layout(model).head_dim
-    mlp_parts = adapter.input_projections("mlp")
     for name, tensor in model.named_parameters():
         module_name, _, leaf = name.rpartition(".")
         parent, _, linear = module_name.rpartition(".")
@@ -131,9 +130,8 @@ def _hf_tensors(model: nn.Module, adapter: ArchitectureAdapter, shapes: list[Lay
             yield name, tensor
             continue
         shape = shapes[int(_LAYER.search(name).group(1))]
-        sizes = {adapter.q_proj: shape.heads * head_dim}
-        sizes |= {adapter.k_proj: shape.kv_heads * head_dim, adapter.v_proj: shape.kv_heads * head_dim}
-        sizes |= dict.fromkeys(mlp_parts, shape.ff)
+        sizes = attention_rows(adapter, shape.heads * head_dim, shape.kv_heads * head_dim)
+        sizes |= mlp_rows(adapter, shape.ff)
         for part in fused.parts:
             yield f"{parent}.{part}.{leaf}", tensor[part_rows(adapter, part, sizes)[1]]
 
@@ -176,9 +174,8 @@ def gguf_tensors(model: nn.Module, adapter: ArchitectureAdapter, shapes: list[La
             unmapped.append(hf_name)
             continue
         t = tensor.detach().float().cpu()
-        match = _LAYER.search(hf_name)
         if name.rsplit(".", 2)[-2] in ("attn_q", "attn_k"):
-            shape = shapes[int(match.group(1))]
+            shape = shapes[int(_LAYER.search(hf_name).group(1))]
             t = _rope_permute(t, shape.heads if ".attn_q." in name else shape.kv_heads)
         out[name] = t
     if unmapped:

@@ -94,11 +94,8 @@ def layout_of(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> M
     heads = adapter.head_layout(config)
     layer = adapter.layers(model)[0]
     attn, mlp = adapter.attention_module(layer), adapter.mlp_module(layer)
-    projs = {
-        *adapter.linears("attention"),
-        *adapter.q_row_norms,
-        *adapter.k_row_norms,
-    }  # counted with the width
+    # the projections, and the q/k norms over whole projections, are counted with the width they follow
+    projs = {*adapter.linears("attention"), *adapter.q_row_norms, *adapter.k_row_norms}
     attn_fixed = _numel(p for name, m in attn.named_children() if name not in projs for p in m.parameters())
     attn_fixed += _numel(getattr(layer, n).weight for n in adapter.attention.norms)
     mlp_projs = set(adapter.linears("mlp"))

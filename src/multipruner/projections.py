@@ -16,6 +16,16 @@ from torch import nn
 from .adapters import ArchitectureAdapter, FusedLinear
 
 
+def attention_rows(adapter: ArchitectureAdapter, q_rows: int, kv_rows: int) -> dict[str, int]:
+    """Row counts of the attention's logical input projections: q, then k and v alike."""
+    return {adapter.q_proj: q_rows, adapter.k_proj: kv_rows, adapter.v_proj: kv_rows}
+
+
+def mlp_rows(adapter: ArchitectureAdapter, width: int) -> dict[str, int]:
+    """Row counts of the MLP's logical input projections (gate and up: one row per channel each)."""
+    return dict.fromkeys(adapter.input_projections("mlp"), width)
+
+
 def part_rows(adapter: ArchitectureAdapter, projection: str, sizes: Mapping[str, int]) -> tuple[str, slice]:
     """The linear holding ``projection`` and its rows there; ``sizes`` gives each part's row count."""
     fused = adapter.linear_of(projection)

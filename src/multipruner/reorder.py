@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, HeadLayout, adapter_for
-from .projections import permute_projection_rows, projection_weight
+from .projections import attention_rows, mlp_rows, permute_projection_rows, projection_weight
 
 
 def _permute_columns(linear: nn.Linear, index: torch.Tensor) -> None:
@@ -39,8 +39,7 @@ def _most_important_first(scores: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def _mlp_rows(mlp: nn.Module, adapter: ArchitectureAdapter) -> dict[str, int]:
-    width = getattr(mlp, adapter.mlp_out_proj).in_features
-    return dict.fromkeys(adapter.input_projections("mlp"), width)
+    return mlp_rows(adapter, getattr(mlp, adapter.mlp_out_proj).in_features)
 
 
 def mlp_channel_order(mlp: nn.Module, adapter: ArchitectureAdapter) -> torch.Tensor:
@@ -58,8 +57,7 @@ def reorder_mlp(mlp: nn.Module, adapter: ArchitectureAdapter) -> None:
 
 
 def _attention_rows(adapter: ArchitectureAdapter, heads: HeadLayout) -> dict[str, int]:
-    kv_width = heads.num_kv_heads * heads.head_dim
-    return {adapter.q_proj: heads.q_width, adapter.k_proj: kv_width, adapter.v_proj: kv_width}
+    return attention_rows(adapter, heads.q_width, heads.num_kv_heads * heads.head_dim)
 
 
 def attention_unit_order(attn: nn.Module, adapter: ArchitectureAdapter, heads: HeadLayout) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .adapters import ArchitectureAdapter, adapter_for
 from .layout import ModelLayout, layout_of
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
 from .plan import PruningPlan
-from .projections import first_rows
+from .projections import attention_rows, first_rows, mlp_rows
 
 
 @dataclass
@@ -116,10 +116,7 @@ class PrunableModel:
         self._set_head_counts(branch.module, q_width)
 
     def _attention_rows(self, q_width: int) -> dict[str, int]:
-        kv_width = self.heads.kv_width(q_width)
-        return dict(
-            zip(self.adapter.input_projections("attention"), (q_width, kv_width, kv_width), strict=True)
-        )
+        return attention_rows(self.adapter, q_width, self.heads.kv_width(q_width))
 
     def _set_head_counts(self, attn: nn.Module, q_width: int) -> None:
         heads = self.heads
@@ -131,9 +128,8 @@ class PrunableModel:
         )
 
     def _set_mlp_width(self, layer_idx: int, width: int) -> None:
-        projections = self.adapter.input_projections("mlp")
-        full = self.layout.mlp_width
-        self._set_width("mlp", layer_idx, dict.fromkeys(projections, full), dict.fromkeys(projections, width))
+        a = self.adapter
+        self._set_width("mlp", layer_idx, mlp_rows(a, self.layout.mlp_width), mlp_rows(a, width))
 
     def _full_or_view(self, kind: str, layer_idx: int, width: int) -> None:
         full = self.layout.attention_width if kind == "attention" else self.layout.mlp_width
