@@ -149,6 +149,19 @@ class RunContext:
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))
 
+    def scorers(self, calibration: dict[str, torch.Tensor]) -> dict[str, CalibrationScorer]:
+        """One scorer per calibration set, as every process of the search builds them."""
+        job = self.job
+        loss = LossSettings(
+            ignore_index=ignored_label(self.tokenizer),
+            batch_size=job.calibration.batch_size,
+            layer_major_budget_mb=self.search.layer_major_mb,
+        )
+        device = job.model.torch_device()
+        return {
+            k: CalibrationScorer(self.prunable, v, loss, device, self.workers) for k, v in calibration.items()
+        }
+
     def release_workers(self, search: dict | None = None) -> None:
         """Rank 0: send the other processes the search to share (its calibration tokens and the steps
         already done), or None when there is none to run. Called once; a no-op without torchrun."""
@@ -229,16 +242,7 @@ class SearchPhase(Phase):
         )
         random.seed(job.calibration.seed)
         torch.manual_seed(job.calibration.seed)
-        device = job.model.torch_device()
-        loss = LossSettings(
-            ignore_index=ignored_label(ctx.tokenizer),
-            batch_size=job.calibration.batch_size,
-            layer_major_budget_mb=ctx.search.layer_major_mb,
-        )
-        scorers = {
-            k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)
-            for k, v in calibration.items()
-        }
+        scorers = ctx.scorers(calibration)
         dense = run.dense_record()
         if dense is None:
             started = time.perf_counter()
@@ -480,19 +484,8 @@ def search_worker(ctx: RunContext) -> None:
     search = ctx.workers.broadcast()
     if search is None:
         return
-    job = ctx.job
-    loss = LossSettings(
-        ignore_index=ignored_label(ctx.tokenizer),
-        batch_size=job.calibration.batch_size,
-        layer_major_budget_mb=ctx.search.layer_major_mb,
-    )
-    device = job.model.torch_device()
-    scorers = {
-        k: CalibrationScorer(ctx.prunable, v, loss, device, workers=ctx.workers)
-        for k, v in search["calibration"].items()
-    }
     done = [StepRecord.from_dict(r) for r in search["done"]]
-    run_search(ctx.prunable, scorers, ctx.search, done_steps=done, progress=False)
+    run_search(ctx.prunable, ctx.scorers(search["calibration"]), ctx.search, done_steps=done, progress=False)
 
 
 def prune(job: PruneJob) -> RunDirectory | None:
