@@ -151,15 +151,21 @@ def token_ids():
     return torch.randint(0, VOCAB, (2, 20))
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M (dense, fp32) with its tokenizer; skipped if the package is absent."""
+def load_embedded_or_skip(name: str):
+    """An embedded real model (dense, fp32) with its tokenizer; the test skips, with the install command,
+    if its package is absent."""
     from multipruner.models import ModelLoadError, load_model
 
     try:
-        return load_model("smollm2-135m")
+        return load_model(name)
     except ModelLoadError as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M with its tokenizer."""
+    return load_embedded_or_skip("smollm2-135m")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

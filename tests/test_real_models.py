@@ -7,11 +7,10 @@ import random
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import load_embedded_or_skip, rel_err
 from transformers import AutoModelForCausalLM
 
 from multipruner import PruningPlan, extract, layout_of, prepare_dense, save_pruned
-from multipruner.models import ModelLoadError, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +62,7 @@ def test_smollm2_invariants(smollm2, tmp_path):
 
 
 def test_gemma3_invariants(tmp_path):
-    try:
-        model, tokenizer = load_model("gemma3-270m")
-    except ModelLoadError as err:
-        pytest.skip(str(err))
+    model, tokenizer = load_embedded_or_skip("gemma3-270m")
     layout = layout_of(model)
     assert layout.heads.is_mqa and layout.attention_width != layout.hidden_size  # 4 x 256 != 640
     _check_model(model, tokenizer, tmp_path)
@@ -74,10 +70,7 @@ def test_gemma3_invariants(tmp_path):
 
 def test_qwen25_invariants(tmp_path):
     """The Qwen2 path on real weights: q/k/v biases, GQA 14/2, an untied 151k-token head."""
-    try:
-        model, tokenizer = load_model("qwen2.5-0.5b")
-    except ModelLoadError as err:
-        pytest.skip(str(err))
+    model, tokenizer = load_embedded_or_skip("qwen2.5-0.5b")
     layout = layout_of(model)
     assert (layout.num_layers, layout.num_heads, layout.num_kv_heads) == (24, 14, 2) and layout.kv_bias
     _check_model(model, tokenizer, tmp_path)
