@@ -100,7 +100,7 @@ def run_cell(args, model: str, method: str, ratio: float) -> dict:
     plan, layout = run.plan()
     steps = run.step_records()
     model_obj, tokenizer = ModelSettings(model=model, device="cpu").load()
-    pruned = extract(prepare_dense(model_obj, plan.weight_reorder), plan)
+    pruned = extract(prepare_dense(model_obj, plan.weight_reorder, plan.channel_order), plan)
     result = evaluate(
         pruned, tokenizer, eval_settings(args), name=str(run_dir), dense_params=layout.dense_params()
     )

@@ -186,7 +186,7 @@ def cmd_extract(args) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args)
-    pruned = extract(prepare_dense(model, plan.weight_reorder), plan)
+    pruned = extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan)
     save_pruned(pruned, tokenizer, args.output, plan, layout, overwrite=args.overwrite)
     print(format_layer_table(pruned))
     print(
@@ -229,7 +229,7 @@ def cmd_compensate(args) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args)
-    prunable = prepare_dense(model, plan.weight_reorder)
+    prunable = prepare_dense(model, plan.weight_reorder, plan.channel_order)
     tokens = settings.calibration_tokens(calibration, None, tokenizer)
     pruned = extract(prunable, plan)
     fits = compensate(prunable, pruned, plan, tokens, settings, batch_size=calibration.batch_size)
@@ -353,7 +353,10 @@ def cmd_eval(args) -> None:
         from .export import extract, prepare_dense
 
         model, tokenizer, layout, plan = _load_dense_and_plan(args)
-        model, dense_params = extract(prepare_dense(model, plan.weight_reorder), plan), layout.dense_params()
+        model, dense_params = (
+            extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan),
+            layout.dense_params(),
+        )
     else:
         model, tokenizer = settings_from_args(ModelSettings, args).load()
         plan_file = Path(args.model) / PLAN_FILENAME

@@ -17,6 +17,7 @@ from .io_utils import atomic_directory
 from .layout import ModelLayout
 from .modeling import modeling_multipruner as pruned_modeling
 from .plan import PruningPlan
+from .reorder import ChannelOrder
 from .surgery import PrunableModel
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,20 @@ def extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
     return pruned.eval()
 
 
-def prepare_dense(model: nn.Module, weight_reorder: bool) -> PrunableModel:
-    """Wrap a dense model for pruning, reordering its weights first when asked (in place)."""
+def prepare_dense(
+    model: nn.Module, weight_reorder: bool, channel_order: ChannelOrder | None = None
+) -> PrunableModel:
+    """Wrap a dense model for pruning, reordering its weights first when asked (in place): by
+    ``channel_order`` when given (a plan whose channels were ordered by data), else by L1 norms."""
     from .reorder import reorder_weights
 
     adapter = adapter_for(model)
-    if weight_reorder:
+    if weight_reorder and channel_order is None:
         reorder_weights(model, adapter)
-    return PrunableModel(model, adapter)
+    prunable = PrunableModel(model, adapter)
+    if weight_reorder and channel_order is not None:
+        prunable.order_channels(channel_order)
+    return prunable
 
 
 def save_pruned(

@@ -31,6 +31,7 @@ from .layout import ModelLayout, layout_of
 from .models import ModelSettings, describe_source
 from .plan import PruningPlan
 from .recover import RecoverSettings, recover
+from .reorder import ChannelOrder, activation_channel_order
 from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
 from .scoring import CalibrationScorer, LossSettings, ignored_label
 from .search import SearchConfigError, SearchSettings, StepRecord, run_search
@@ -144,7 +145,30 @@ class RunContext:
         check_world_size(self.layout.num_layers)
         self.search = self.job.search.resolved(self.layout)
         check_seqlen(self.model, self.job.calibration.seqlen)
-        self.prunable = prepare_dense(self.model, self.search.weight_reorder)
+        stored = self.run.plan()
+        order = stored[0].channel_order if stored else None
+        # an order by activations needs the calibration sets: the search phase makes it (order_channels)
+        by_weights = self.search.channel_importance == "l1"
+        self.prunable = prepare_dense(
+            self.model, self.search.weight_reorder and (by_weights or order is not None), order
+        )
+
+    def order_channels(self, calibration: dict[str, torch.Tensor]) -> None:
+        """Order the channels by their activations on both calibration sets, unless already ordered."""
+        if not self.search.weight_reorder or self.search.channel_importance == "l1":
+            return
+        if self.prunable.channel_order is None:
+            started = time.perf_counter()
+            tokens = torch.cat([calibration["block"], calibration["width"]])
+            order = activation_channel_order(
+                self.model, tokens, self.job.calibration.batch_size, self.prunable.adapter
+            )
+            self.prunable.order_channels(order)
+            log.info(
+                "channels ordered by activations on %d tokens (%.1fs)",
+                tokens.numel(),
+                time.perf_counter() - started,
+            )
 
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))
@@ -242,6 +266,7 @@ class SearchPhase(Phase):
         )
         random.seed(job.calibration.seed)
         torch.manual_seed(job.calibration.seed)
+        ctx.order_channels(calibration)
         scorers = ctx.scorers(calibration)
         dense = run.dense_record()
         if dense is None:
@@ -272,7 +297,14 @@ class SearchPhase(Phase):
                 on_step=on_step,
             )
         else:
-            ctx.release_workers({"calibration": calibration, "done": [r.to_dict() for r in done]})
+            order = ctx.prunable.channel_order
+            ctx.release_workers(
+                {
+                    "calibration": calibration,
+                    "done": [r.to_dict() for r in done],
+                    "channel_order": order.to_dict() if order else None,
+                }
+            )
             plan = run_search(
                 ctx.prunable, scorers, ctx.search, done_steps=done, on_step=on_step, progress=job.progress
             )
@@ -485,6 +517,8 @@ def search_worker(ctx: RunContext) -> None:
     if search is None:
         return
     done = [StepRecord.from_dict(r) for r in search["done"]]
+    if search["channel_order"] and ctx.prunable.channel_order is None:
+        ctx.prunable.order_channels(ChannelOrder.from_dict(search["channel_order"]))
     run_search(ctx.prunable, ctx.scorers(search["calibration"]), ctx.search, done_steps=done, progress=False)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import UsageError, listing
 from .io_utils import atomic_write_text
 from .layout import ModelLayout
+from .reorder import ChannelOrder
 
 PLAN_FORMAT = "multipruner-plan/1"
 BLOCK_KINDS = ("attention", "mlp")
@@ -38,6 +39,8 @@ class PruningPlan:
     weight_reorder: bool = True
     mlp_group_size: int | None = None
     attention_group_size: int | None = None
+    # the permutation to replay when the channels were ordered by data (None: by weights, or not at all)
+    channel_order: ChannelOrder | None = field(default=None, compare=False)
     meta: dict = field(default_factory=dict, compare=False)
 
     # --- construction -------------------------------------------------------------
@@ -157,6 +160,8 @@ class PruningPlan:
             "mlp_group_size": self.mlp_group_size,
             "attention_group_size": self.attention_group_size,
         }
+        if self.channel_order is not None:
+            data["channel_order"] = self.channel_order.to_dict()
         if layout is not None:
             pruned = self.num_params(layout)
             data["layout"] = layout.to_dict()
@@ -200,6 +205,9 @@ class PruningPlan:
             weight_reorder=bool(data.get("weight_reorder", True)),
             mlp_group_size=parsed("mlp_group_size", _optional_int, None),
             attention_group_size=parsed("attention_group_size", _optional_int, None),
+            channel_order=ChannelOrder.from_dict(data["channel_order"])
+            if data.get("channel_order")
+            else None,
             meta=data.get("meta", {}),
         )
 

@@ -20,6 +20,7 @@ from .errors import UsageError, listing
 from .layout import ModelLayout
 from .plan import PruningPlan
 from .racing import RACE_MODES, RaceSettings
+from .reorder import CHANNEL_IMPORTANCE, ChannelOrder
 from .scoring import CalibrationScorer
 from .settings import setting
 from .surgery import PrunableModel
@@ -108,7 +109,14 @@ class SearchSettings:
         aliases=("--attn_channel_group_size", "--attn-group-size"),
     )
     weight_reorder: bool = setting(
-        True, help="reorder channels by L1 importance before the search", aliases=("--weight_reorder",)
+        True, help="reorder channels by importance before the search", aliases=("--weight_reorder",)
+    )
+    channel_importance: str = setting(
+        "l1",
+        help="what orders the channels a width step drops: l1, the weights' L1 norms (the paper's); "
+        "activations, each channel's contribution to its branch output on the calibration sets (not in "
+        "the paper; the plan stores the permutation)",
+        choices=CHANNEL_IMPORTANCE,
     )
     ratio_accounting: str = setting(
         "exact",
@@ -303,18 +311,26 @@ class StepRecord:
         return cls(**{"skipped_batches": 0, "total_batches": 0, **fields})
 
 
-def initial_plan(layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
+def initial_plan(
+    layout: ModelLayout, settings: SearchSettings, channel_order: ChannelOrder | None = None
+) -> PruningPlan:
     return PruningPlan.dense(
         layout,
         weight_reorder=settings.weight_reorder,
         mlp_group_size=settings.mlp_group_size,
         attention_group_size=settings.attention_group_size,
+        channel_order=channel_order,
     )
 
 
-def plan_from_record(record: StepRecord, layout: ModelLayout, settings: SearchSettings) -> PruningPlan:
+def plan_from_record(
+    record: StepRecord,
+    layout: ModelLayout,
+    settings: SearchSettings,
+    channel_order: ChannelOrder | None = None,
+) -> PruningPlan:
     """The plan a step record ended with (records of runs before format 2 hold the reference format)."""
-    base = initial_plan(layout, settings)
+    base = initial_plan(layout, settings, channel_order)
     data = record.plan
     if "format" in data:
         stored = PruningPlan.from_dict(data)
@@ -344,8 +360,11 @@ def run_search(
     layout = prunable.layout
     settings = settings.resolved(layout)
     done_steps = done_steps or []
+    order = prunable.channel_order
     plan = (
-        plan_from_record(done_steps[-1], layout, settings) if done_steps else initial_plan(layout, settings)
+        plan_from_record(done_steps[-1], layout, settings, order)
+        if done_steps
+        else initial_plan(layout, settings, order)
     )
     prunable.apply(plan)
     step = len(done_steps)
@@ -406,7 +425,7 @@ def run_search(
                 ratio=plan.ratio(layout),
                 params=plan.num_params(layout),
                 elapsed_s=time.perf_counter() - started,
-                plan=plan.to_dict(),
+                plan=replace(plan, channel_order=None).to_dict(),  # the order is the run's, not the step's
                 skipped_batches=scores.skipped_batches,
                 total_batches=scores.total_batches,
                 batches_by_process=scores.batches_by_process,

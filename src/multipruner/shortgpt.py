@@ -73,7 +73,7 @@ def run_shortgpt(
     """Remove the lowest-BI layers until the target ratio; ``perplexity()`` scores the model after each
     removal (for the record: the choice does not depend on it). ``done_steps`` finished steps are replayed."""
     layout = prunable.layout
-    plan = initial_plan(layout, settings)
+    plan = initial_plan(layout, settings, prunable.channel_order)
     prunable.apply(plan)
     started = time.perf_counter()
     scores = block_influence(prunable, tokens, batch_size)

@@ -20,6 +20,7 @@ from .layout import ModelLayout, layout_of
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
 from .plan import PruningPlan
 from .projections import attention_rows, first_rows, mlp_rows
+from .reorder import ChannelOrder, apply_channel_order
 
 
 @dataclass
@@ -69,6 +70,14 @@ class PrunableModel:
                 )
             )
         self.plan = PruningPlan.dense(self.layout)
+        self.channel_order: ChannelOrder | None = None  # set when the channels were ordered by data
+
+    def order_channels(self, order: ChannelOrder) -> None:
+        """Reorder the dense, not yet reordered model's channels by a stored order (in place)."""
+        if self.channel_order is not None or self.plan != PruningPlan.dense(self.layout):
+            raise RuntimeError("internal error: channels can only be ordered once, on the dense model")
+        apply_channel_order(self.model, order, self.adapter)
+        self.channel_order = order
 
     @staticmethod
     def _params(module: nn.Module, names) -> dict:
