@@ -39,13 +39,18 @@ log = logging.getLogger("quality")
 
 PPL_TASKS = ("wikitext2", "ptb")
 ZERO_SHOT = ("piqa", "arc_easy", "hellaswag", "boolq", "openbookqa")
-METHODS = ("multipruner", "blockpruner", "shortgpt")
-# a multipruner run's compensated model (prune --compensate): a row of its own, evaluated like the rest
-COMPENSATED = "multipruner+compensate"
-RECOVERED = "multipruner+compensate+recover"
-# rows for the models a reused multipruner run saved after its search, and where the run keeps them
-DERIVED = {COMPENSATED: "model-compensated", RECOVERED: "model-recovered"}
-ROW_ORDER = ("dense", "multipruner", COMPENSATED, RECOVERED, "blockpruner", "shortgpt")
+METHODS = ("multipruner", "multipruner-l1", "blockpruner", "shortgpt")
+# a row that is another method with settings fixed: the paper's channel order (today's default orders by activations)
+VARIANTS = {"multipruner-l1": ("multipruner", {"channel_importance": "l1"})}
+# rows for the models a reused run saved after its search ("<method>+compensate", ...), and where it keeps them
+DERIVED_SUFFIXES = {"+compensate": "model-compensated", "+compensate+recover": "model-recovered"}
+DERIVED = tuple(f"{m}{suffix}" for m in ("multipruner", "multipruner-l1") for suffix in DERIVED_SUFFIXES)
+ROW_ORDER = (
+    "dense",
+    *(m + suffix for m in ("multipruner", "multipruner-l1") for suffix in ("", *DERIVED_SUFFIXES)),
+    "blockpruner",
+    "shortgpt",
+)
 LABELS = {
     "wikitext2": "WikiText-2",
     "ptb": "PTB",
@@ -70,29 +75,25 @@ def eval_settings(args) -> EvalSettings:
     )
 
 
-def search_settings(args, method: str, ratio: float, model: str) -> SearchSettings:
-    extra = json.loads(args.search_overrides).get(model, {})
-    return SearchSettings(method=method, target_ratio=ratio, **extra)
-
-
 def run_cell(args, model: str, method: str, ratio: float) -> dict:
     key = cell_key(model, method, ratio)
     reused = dict(item.split("=", 1) for item in args.reuse)
     run_dir = Path(reused.get(key) or Path(args.runs) / Path(model).name / f"{method}-{ratio:g}")
-    overrides = json.loads(args.search_overrides).get(model, {})
+    search_method, fixed = VARIANTS.get(method, (method, {}))
+    overrides = {**fixed, **json.loads(args.search_overrides).get(model, {})}
     if key in reused:  # a finished search made elsewhere (e.g. the main job): evaluate its plan as it is
         command = f"(search reused from {run_dir})"
     else:
         job = PruneJob(
             model=ModelSettings(model=model, device="cpu"),
             calibration=CalibrationSettings(),
-            search=SearchSettings(method=method, target_ratio=ratio, **overrides),
+            search=SearchSettings(method=search_method, target_ratio=ratio, **overrides),
             run=RunOptions(output_path=str(run_dir), resume=RunDirectory(run_dir).exists()),
             progress=False,
         )
         prune(job)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
-        command = f"multipruner prune --model {model} --method {method} --target-ratio {ratio:g} " + (
+        command = f"multipruner prune --model {model} --method {search_method} --target-ratio {ratio:g} " + (
             f"--output-path {run_dir} {flags}".strip()
         )
     run = RunDirectory(run_dir)
@@ -135,8 +136,9 @@ def run_derived(args, model: str, ratio: float, method: str) -> dict:
     from multipruner.export import load_pruned
 
     reused = dict(item.split("=", 1) for item in args.reuse)
-    run_dir = Path(reused[cell_key(model, "multipruner", ratio)])
-    saved = run_dir / DERIVED[method]
+    base = method.split("+", 1)[0]
+    run_dir = Path(reused[cell_key(model, base, ratio)])
+    saved = run_dir / DERIVED_SUFFIXES[method[len(base) :]]
     pruned, tokenizer = load_pruned(saved)
     plan, layout = RunDirectory(run_dir).plan()
     result = evaluate(
@@ -217,7 +219,7 @@ def plot(cells: list[dict], path: Path) -> None:
         dense = next((c for c in cells if c["model"] == model and c["method"] == "dense"), None)
         for col, task in enumerate(PPL_TASKS):
             ax = axes[row][col]
-            for method in (*METHODS, *DERIVED):
+            for method in ROW_ORDER[1:]:
                 points = sorted(
                     (c["ratio"], EvalResult.from_dict(c["eval"]).tasks[task]["ppl"].value)
                     for c in cells

@@ -70,6 +70,12 @@ def _plan(world: World, name: str, plan: dict) -> str:
     return str(_file(world, name, json.dumps(plan)))
 
 
+def _with_short_mlp_order(plan: dict) -> dict:
+    """The run's plan with a channel order one MLP channel short, as a plan for a narrower model has."""
+    order = plan["channel_order"]
+    return {**plan, "channel_order": {**order, "mlp": [o[:-1] for o in order["mlp"]]}}
+
+
 def _corrupt_model(world: World) -> str:
     path = world.root / "inputs" / "corrupt-model"
     if not path.exists():
@@ -300,6 +306,19 @@ CASES = [
             str(w.root / "x"),
         ],
         "mlp_group_size",
+    ),
+    (
+        "plan-channel-order-for-another-model",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            _plan(w, "order.json", _with_short_mlp_order(json.loads(w.plan.read_text()))),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "not a permutation",
     ),
     (
         "extract-output-exists",

@@ -148,7 +148,8 @@ def test_sigkill_at_a_recorded_point_then_resume_gives_identical_plan(
 def test_old_run_directory_resumes_and_reports(tiny_model_dir, calibration_txt, tmp_path, capsys):
     """A run written before format 2 (flat run.json, reference-format step plans) still resumes and reports."""
     run = tmp_path / "run"
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "2")) == 0
+    l1 = ("--channel-importance", "l1")  # runs made before the setting existed ordered channels by L1
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "2", *l1)) == 0
     manifest = _manifest(run)
     flat = {
         **manifest["settings"]["model"],
@@ -167,10 +168,13 @@ def test_old_run_directory_resumes_and_reports(tiny_model_dir, calibration_txt, 
         old.append(json.dumps(record))
     (run / "steps.jsonl").write_text("\n".join(old) + "\n")
     assert main(["report", str(run)]) == 0
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume")) == 0
+    # today's default order differs from what the old run did: refused, naming the setting
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume")) == 2
+    assert "channel_importance: 'l1' -> 'activations'" in capsys.readouterr().err
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume", *l1)) == 0
     assert _manifest(run)["format"] == "multipruner-run/2"
     fresh = tmp_path / "fresh"
-    assert main(prune_args(tiny_model_dir, fresh, calibration_txt)) == 0
+    assert main(prune_args(tiny_model_dir, fresh, calibration_txt, *l1)) == 0
     assert (run / "pruning_config.json").read_text() == (fresh / "pruning_config.json").read_text()
 
 

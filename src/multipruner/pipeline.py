@@ -35,7 +35,7 @@ from .reorder import ChannelOrder, activation_channel_order
 from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
 from .scoring import CalibrationScorer, LossSettings, ignored_label
 from .search import SearchConfigError, SearchSettings, StepRecord, run_search
-from .settings import differences, setting, to_dict
+from .settings import differences, setting, to_dict, unrecorded_values
 from .shortgpt import run_shortgpt
 
 log = logging.getLogger(__name__)
@@ -495,7 +495,11 @@ def start_or_resume(job: PruneJob, run: RunDirectory) -> None:
     changed = [
         d
         for name, cls in RESULT_GROUPS.items()
-        for d in differences(cls, {**to_dict(cls()), **manifest.settings.get(name, {})}, getattr(job, name))
+        for d in differences(
+            cls,
+            {**to_dict(cls()), **unrecorded_values(cls), **manifest.settings.get(name, {})},
+            getattr(job, name),
+        )
     ]
     if changed:
         hint = (

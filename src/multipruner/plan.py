@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UsageError, listing
 from .io_utils import atomic_write_text
 from .layout import ModelLayout
-from .reorder import ChannelOrder
+from .reorder import ChannelOrder, ChannelOrderError
 
 PLAN_FORMAT = "multipruner-plan/1"
 BLOCK_KINDS = ("attention", "mlp")
@@ -143,6 +143,11 @@ class PruningPlan:
                             else ""
                         )
                     )
+        if self.channel_order is not None:
+            try:
+                self.channel_order.check(n, layout.mlp_width, layout.heads.num_units)
+            except ChannelOrderError as err:
+                problems.append(str(err))
         if n and len(self.removed_attention) >= n:
             problems.append("plan removes every attention block; at least one must remain")
         if problems:

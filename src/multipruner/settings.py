@@ -24,12 +24,14 @@ def setting(
     choices: tuple | None = None,
     default_factory: Callable[[], Any] | None = None,
     cli: bool = True,
+    until_recorded: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with the metadata the CLI and the run directory need.
 
     ``aliases``: extra flag spellings (the reference's, e.g. ``--target_ratio``); the primary flag is the
     field name with dashes. ``affects_result``: part of the resume check. ``parse``: how to read the
-    flag's text (default: from the type). ``cli=False``: not a flag (set by code).
+    flag's text (default: from the type). ``cli=False``: not a flag (set by code). ``until_recorded``:
+    the behaviour of runs whose stored settings predate the field, when it is not today's default.
     """
     metadata = {
         "help": help,
@@ -38,6 +40,7 @@ def setting(
         "parse": parse,
         "choices": choices,
         "cli": cli,
+        "until_recorded": until_recorded,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -78,8 +81,19 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def unrecorded_values(cls) -> dict:
+    """What a stored run that lacks a field did: ``until_recorded`` where a field has one."""
+    return {
+        f.name: f.metadata["until_recorded"]
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("until_recorded", dataclasses.MISSING) is not dataclasses.MISSING
+    }
+
+
 def from_dict(cls, data: dict):
-    """Rebuild settings from ``to_dict`` output (unknown keys ignored, missing ones take defaults)."""
+    """Rebuild settings from ``to_dict`` output (unknown keys ignored; missing ones take what runs did
+    before the field existed, see ``unrecorded_values``, else the default)."""
+    data = {**unrecorded_values(cls), **data}
     values = {}
     for f, kind, _ in resolved_fields(cls):
         if f.name not in data:
