@@ -253,6 +253,11 @@ def write_calibration_txt(path: Path) -> Path:
     return path
 
 
+def extract_args(model_dir, plan, output, *extra) -> list[str]:
+    """``extract`` of ``plan`` from the dense model in ``model_dir`` into ``output``."""
+    return ["extract", "--model", str(model_dir), "--plan", str(plan), "--output", str(output), *extra]
+
+
 def prune_args(model_dir, run_dir, calib, *extra, by_tokens: bool = False):
     """``prune`` on the tiny model: 30 %, 16-token sequences, 16/8 reference samples (or 64/32 tokens)."""
     sizes = (

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_cli import prune_args
+from conftest import extract_args, prune_args
 
 from multipruner import prepare_dense
 from multipruner.cli import main
@@ -84,20 +84,7 @@ def test_presets_write_run_directories_that_extract_eval_and_report_accept(
     stages = {json.loads(line)["stage"] for line in (run / "steps.jsonl").read_text().splitlines()[1:]}
     assert stages == ({"layer"} if method == "shortgpt" else {"block"})
     out = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(run / "plan.json"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiny_model_dir, run / "plan.json", out)) == 0
     eval_out = tmp_path / "eval.json"
     assert (
         main(

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY_MODELS, _randomize, prune_args, rel_err
+from conftest import TINY_MODELS, _randomize, extract_args, prune_args, rel_err
 from test_cli import _run_cli
 from test_surgery import random_plan
 
@@ -135,20 +135,7 @@ def test_prune_by_activations_end_to_end_resumes_and_extracts_the_same_model(
     )
     # `extract --plan` on the dense model replays the stored order and writes the run's model
     out = tmp_path / "extracted"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(whole / "plan.json"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiny_model_dir, whole / "plan.json", out)) == 0
     from safetensors.torch import load_file
 
     a, b = load_file(whole / "model" / "model.safetensors"), load_file(out / "model.safetensors")

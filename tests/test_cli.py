@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import prune_args
+from conftest import extract_args, prune_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from multipruner.cli import main
@@ -188,21 +188,7 @@ def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):
     plan_path = tmp_path / "pruning_config.json"
     plan_path.write_text(json.dumps(plan))
     out = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(plan_path),
-                "--output",
-                str(out),
-                "--weight-reorder",
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiny_model_dir, plan_path, out, "--weight-reorder")) == 0
     assert "REMOVED" in capsys.readouterr().out
     assert main(["inspect", "--model", str(out)]) == 0
     table = capsys.readouterr().out
@@ -306,20 +292,7 @@ def test_extract_errors(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(bad), "--output", str(out)]) == 2
     assert "whole KV groups" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(tmp_path / "missing.json"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(extract_args(tiny_model_dir, tmp_path / "missing.json", out)) == 2
     assert "plan file not found" in capsys.readouterr().err
     assert not out.exists()
     assert main(["inspect", "--model", str(tmp_path / "nowhere")]) == 2

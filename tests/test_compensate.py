@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import extract_args, rel_err
 
 from multipruner import PruningPlan, extract, prepare_dense, save_pruned
 from multipruner.compensate import (
@@ -150,20 +150,7 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
     )  # 0: the run's two sets
     plain = tmp_path / "plain"
     out = tmp_path / "compensated"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(run / "plan.json"),
-                "--output",
-                str(plain),
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiny_model_dir, run / "plan.json", plain)) == 0
     args = [
         "compensate",
         "--model",

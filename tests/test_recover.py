@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import extract_args, rel_err
 
 from multipruner.cli import main
 from multipruner.export import load_pruned
@@ -27,20 +27,7 @@ def pruned_dir(tiny_model_dir, tmp_path):
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                str(tiny_model_dir),
-                "--plan",
-                str(tmp_path / "plan.json"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(extract_args(tiny_model_dir, tmp_path / "plan.json", out)) == 0
     return out
 
 
