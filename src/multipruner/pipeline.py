@@ -148,16 +148,12 @@ class RunContext:
         stored = self.run.plan()
         order = stored[0].channel_order if stored else None
         # an order by activations needs the calibration sets: the search phase makes it (order_channels)
-        by_weights = self.search.channel_importance == "l1"
-        self.prunable = prepare_dense(
-            self.model, self.search.weight_reorder and (by_weights or order is not None), order
-        )
+        deferred = self.search.orders_by_activations and order is None
+        self.prunable = prepare_dense(self.model, self.search.weight_reorder and not deferred, order)
 
     def order_channels(self, calibration: dict[str, torch.Tensor]) -> None:
         """Order the channels by their activations on both calibration sets, unless already ordered."""
-        if not self.search.weight_reorder or self.search.channel_importance == "l1":
-            return
-        if self.prunable.channel_order is None:
+        if self.search.orders_by_activations and self.prunable.channel_order is None:
             started = time.perf_counter()
             tokens = torch.cat([calibration["block"], calibration["width"]])
             order = activation_channel_order(

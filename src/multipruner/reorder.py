@@ -197,9 +197,12 @@ def activation_channel_order(
 
     hooks = [linear.register_forward_pre_hook(accumulate) for linear in outputs]
     device = next(model.parameters()).device
+    decoder = adapter.decoder(
+        model
+    )  # the LM head adds nothing to these inputs and costs most with big vocabularies
     try:
         for start in range(0, tokens.shape[0], batch_size):
-            model(tokens[start : start + batch_size].to(device), use_cache=False)
+            decoder(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()

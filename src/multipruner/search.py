@@ -115,7 +115,8 @@ class SearchSettings:
         "activations",
         help="what orders the channels a width step drops: activations, each channel's contribution to "
         "its branch output on the calibration sets (not in the paper; the plan stores the permutation; "
-        "held-out WikiText-2 perplexity 15 percent lower on SmolLM2 at 10 percent, docs/quality.md); l1, the weights' L1 norms (the paper's)",
+        "held-out WikiText-2 perplexity 15 percent lower on SmolLM2 at 10 percent, docs/quality.md); "
+        "l1, the weights' L1 norms (the paper's)",
         choices=CHANNEL_IMPORTANCE,
         until_recorded="l1",  # runs made before the setting ordered by L1: they resume that way
     )
@@ -155,6 +156,11 @@ class SearchSettings:
             object.__setattr__(self, "distribution", DEFAULT_DISTRIBUTION[self.method])
         elif self.distribution is not None:
             object.__setattr__(self, "distribution", tuple(float(d) for d in self.distribution))
+
+    @property
+    def orders_by_activations(self) -> bool:
+        """Channels are ordered by data, so the order waits for the calibration sets."""
+        return self.weight_reorder and self.channel_importance == "activations"
 
     @property
     def race(self) -> RaceSettings:
