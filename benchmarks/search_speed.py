@@ -10,8 +10,10 @@ candidates alike, and applies each step's choice.
     .venv/bin/python benchmarks/search_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--sequences 4] [--seqlen 512] [--steps 1]
 
 ``--whole-run N`` instead runs the search itself (the main job's settings and default calibration
-sets) for N steps once per racing mode (off, exact, fast), and reports each mode's time, the
-candidate-batches racing skipped, and whether its steps chose what scoring everything chose.
+sets) for N steps once per mode (``--modes``: one full forward per candidate, the scorer without
+racing, exact racing with and without the head bound, fast), optionally from a finished run's plan
+after K steps (``--after-steps RUN_DIR:K``), and reports each mode's time, the candidate-batches racing
+skipped and those whose LM head the bound spared, and whether its steps chose what the first mode chose.
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ import torch
 from multipruner.calibration import CalibrationSettings
 from multipruner.export import prepare_dense
 from multipruner.models import load_model
-from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
-from multipruner.search import SearchSettings, block_candidates, initial_plan, run_search
+from multipruner.run_dir import RunDirectory
+from multipruner.scoring import (
+    CalibrationScorer,
+    LossSettings,
+    StepScores,
+    full_forward_perplexity,
+    ignored_label,
+)
+from multipruner.search import SearchSettings, StepRecord, block_candidates, initial_plan, run_search
 
 
 class PeakRss:
@@ -77,6 +86,17 @@ def main() -> None:
         type=int,
         default=None,
         help="tokens per calibration set (default: prune's defaults)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="full,off,exact-nobound,exact",
+        help=f"whole run: the modes to time, the first is the reference ({', '.join(WHOLE_RUN_MODES)})",
+    )
+    parser.add_argument(
+        "--after-steps",
+        default=None,
+        metavar="RUN_DIR:K",
+        help="whole run: start from a finished run's plan after its first K steps (e.g. in the width stage)",
     )
     args = parser.parse_args()
     if args.whole_run:
@@ -154,8 +174,34 @@ def main() -> None:
     )
 
 
+class FullForwardScorer:
+    """The reference's way as a scorer: every candidate applied, one full forward, full logits."""
+
+    def __init__(self, prunable, tokens, loss):
+        self.prunable, self.tokens, self.settings = prunable, tokens, loss
+
+    def score(self, plans, first_layers, keys=None, on_batch=None, race=None) -> StepScores:
+        ppl = []
+        for plan in plans:
+            with self.prunable.trial(plan):
+                ppl.append(full_forward_perplexity(self.prunable.model, self.tokens, self.settings))
+        n = self.tokens.shape[0]
+        batches = -(-n // self.settings.batch_size) * len(plans)
+        return StepScores(ppl, ppl, [n] * len(plans), [torch.empty(0)] * len(plans), 0, batches)
+
+
+# mode -> (scorer, racing mode, head-bound top-k)
+WHOLE_RUN_MODES = {
+    "full": ("full", "off", 0),  # one full forward per candidate (the reference's way)
+    "off": ("calibration", "off", 0),  # recorded layer inputs and tail re-runs, every candidate finished
+    "exact-nobound": ("calibration", "exact", 0),  # racing on partial sums only
+    "exact": ("calibration", "exact", 16),  # + the head bound (the default)
+    "fast": ("calibration", "fast", 16),
+}
+
+
 def whole_run(args) -> None:
-    """The search for ``args.whole_run`` steps once per racing mode, on the main job's settings."""
+    """The search for ``args.whole_run`` steps once per mode, on the main job's settings."""
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     prunable = prepare_dense(model, weight_reorder=True)
     sizes = (
@@ -164,37 +210,55 @@ def whole_run(args) -> None:
         else dict(block_tokens=args.whole_run_tokens, width_tokens=args.whole_run_tokens)
     )
     sets = CalibrationSettings(seqlen=args.seqlen, **sizes).build(tokenizer)
-    loss = LossSettings(ignore_index=ignored_label(tokenizer), batch_size=args.batch_size)
+    done = []
+    if args.after_steps:  # start where a finished run was after its first K steps
+        run_dir, k = args.after_steps.rsplit(":", 1)
+        done = [StepRecord.from_dict(r) for r in RunDirectory(run_dir).step_records() if r["step"] >= 0][
+            : int(k)
+        ]
+    base = dict(target_ratio=10.0, distribution=(44, 52, 4), mlp_group_size=128, attention_group_size=192)
+    if args.model != "smollm2-135m":
+        base = dict(target_ratio=10.0)
     results = {}
-    for mode in ("off", "exact", "fast"):
-        settings = SearchSettings(
-            target_ratio=10.0,
-            distribution=(44, 52, 4),
-            mlp_group_size=128,
-            attention_group_size=192,
-            search=mode,
+    for mode in args.modes.split(","):
+        kind, race, top_k = WHOLE_RUN_MODES[mode]
+        loss = LossSettings(
+            ignore_index=ignored_label(tokenizer), batch_size=args.batch_size, head_bound_top_k=top_k
         )
-        settings = replace(settings, max_steps=args.whole_run)
-        scorers = {k: CalibrationScorer(prunable, v, loss, args.device) for k, v in sets.items()}
+        settings = replace(SearchSettings(**base, search=race), max_steps=len(done) + args.whole_run)
+        if kind == "full":
+            scorers = {k: FullForwardScorer(prunable, v, loss) for k, v in sets.items()}
+        else:
+            scorers = {k: CalibrationScorer(prunable, v, loss, args.device) for k, v in sets.items()}
         records = []
         started = time.perf_counter()
         run_search(
-            prunable, scorers, settings, on_step=lambda r, p, out=records: out.append(r), progress=False
+            prunable,
+            scorers,
+            settings,
+            done_steps=done,
+            on_step=lambda r, p, out=records: out.append(r),
+            progress=False,
         )
         elapsed = time.perf_counter() - started
         prunable.restore()
         results[mode] = (elapsed, records)
         skipped = sum(r.skipped_batches for r in records)
+        bounded = sum(r.bounded_batches for r in records)
         total = sum(r.total_batches for r in records)
         print(
-            f"{mode:>5}: {len(records)} steps in {elapsed:7.1f} s; racing skipped {skipped} of {total} candidate-batches"
+            f"{mode:>13}: {len(records)} steps in {elapsed:7.1f} s; of {total} candidate-batches racing skipped "
+            f"{skipped}, and the head bound spared the LM head of {bounded}; "
+            f"choices {[(r.choice['op'], r.choice['kind'], r.choice['layer']) for r in records]}",
+            flush=True,
         )
-    off_time, off_records = results["off"]
-    for mode in ("exact", "fast"):
-        elapsed, records = results[mode]
-        same = [r.choice == o.choice for r, o in zip(records, off_records, strict=True)]
+    reference = next(iter(results))
+    ref_time, ref_records = results[reference]
+    for mode, (elapsed, records) in results.items():
+        same = [r.choice == o.choice for r, o in zip(records, ref_records, strict=True)]
         print(
-            f"{mode:>5}: {off_time / elapsed:.2f}x faster than off; same choice in {sum(same)} of {len(same)} steps"
+            f"{mode:>13}: {ref_time / elapsed:.2f}x faster than {reference}; "
+            f"same choice in {sum(same)} of {len(same)} steps"
         )
 
 

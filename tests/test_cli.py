@@ -163,7 +163,7 @@ def test_old_run_directory_resumes_and_reports(tiny_model_dir, calibration_txt, 
     for line in lines[1:]:
         record = json.loads(line)
         record["plan"] = PruningPlan.from_dict(record["plan"]).to_reference()
-        for key in ("skipped_batches", "total_batches"):
+        for key in ("skipped_batches", "total_batches", "bounded_batches"):
             record.pop(key)
         old.append(json.dumps(record))
     (run / "steps.jsonl").write_text("\n".join(old) + "\n")

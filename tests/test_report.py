@@ -77,6 +77,7 @@ def _steps(reference_plans: bool = False) -> tuple[list[StepRecord], PruningPlan
                 plan=plan.to_reference() if reference_plans else plan.to_dict(),
                 skipped_batches=0 if reference_plans else 3,
                 total_batches=0 if reference_plans else 8,
+                bounded_batches=0 if reference_plans else 4,
             )
         )
     return steps, plan
@@ -156,7 +157,10 @@ def test_full_report_from_typed_run(tmp_path):
     assert f"**Pruning ratio reached:** {plan.ratio(LAYOUT):.2f} %" in text
     assert "**Search steps:** 5 (block 2, mlp_width 2, attn_width 1)" in text
     assert "**Search wall time:** 2m 42s" in text  # dense 12 s + 5 steps x 30 s
-    assert "**Racing:** 15 of 40 candidate-batches skipped (37.5 %)" in text
+    assert (
+        "**Racing:** 15 of 40 candidate-batches skipped (37.5 %); 20 more ran without their full LM head"
+        in text
+    )
     assert "block set:** 18.200 (dense) → 40.000 (final)" in text  # final ppl from the manifest
     assert "width set:** 17.000 (dense) → 35.500 (final)" in text
 
@@ -290,7 +294,7 @@ def test_old_format_run_still_reports(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(flat_manifest))
     steps, plan = _steps(reference_plans=True)
     dense = {"step": -1, "stage": "dense", "ppl": 18.2, "ratio": 0.0, "params": LAYOUT.dense_params()}
-    unrecorded = ("skipped_batches", "total_batches")  # racing came later
+    unrecorded = ("skipped_batches", "total_batches", "bounded_batches")  # racing came later
     records = [dense, *({k: v for k, v in s.to_dict().items() if k not in unrecorded} for s in steps)]
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     plan.save(tmp_path / "plan.json", LAYOUT)

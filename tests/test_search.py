@@ -36,6 +36,15 @@ def test_every_step_matches_brute_force(tiny_model, mode):
     assert {r.stage for r in records} == {s.name for s in STAGES}
 
 
+def test_every_step_matches_brute_force_when_the_head_bound_rules_candidates_out(tiny_model):
+    # top-1 subsets leave most of the 128-token vocabulary to the Jensen tail (top-16 would cover it all)
+    records = _search_equals_brute_force(tiny_model, _settings, mode="exact", head_bound_top_k=1)
+    if tiny_model.config.model_type == "gemma2":  # soft-capped logits: no bound, every head is paid
+        assert sum(r.bounded_batches for r in records) == 0
+    else:
+        assert sum(r.bounded_batches for r in records) > 0
+
+
 def test_whole_layer_candidates_match_brute_force_and_remove_both_blocks(tiny_llama):
     dense = PruningPlan.dense(prepare_dense(tiny_llama, weight_reorder=False).layout)
     plan = Candidate("layer", "remove", 2).apply(dense)
@@ -48,12 +57,12 @@ def test_whole_layer_candidates_match_brute_force_and_remove_both_blocks(tiny_ll
     assert {c["kind"] for r in records for c in r.candidates} == {"attention", "mlp", "layer"}
 
 
-def _search_equals_brute_force(model, make_settings, mode):
+def _search_equals_brute_force(model, make_settings, mode, head_bound_top_k: int = 16):
     """Run the search, then at each step brute force every candidate with a full forward from the step's
     base plan: the same perplexities, the same choice, and every eliminated candidate provably worse."""
     prunable = prepare_dense(model, weight_reorder=True)
     tokens = _calibration(model.config.vocab_size, n=6)
-    loss = LossSettings(ignore_index=5, batch_size=2)
+    loss = LossSettings(ignore_index=5, batch_size=2, head_bound_top_k=head_bound_top_k)
     scorers = {
         "block": CalibrationScorer(prunable, tokens, loss),
         "width": CalibrationScorer(prunable, tokens[:4], loss),
@@ -288,20 +297,23 @@ def _counting_sequences(vocab: int, n: int, seed: int | None, seqlen: int = 16) 
     return (torch.randint(0, vocab, (n, 1), generator=generator) + torch.arange(seqlen)) % vocab
 
 
-def _block_step(model):
+def _block_step(model, head_bound_top_k: int = 16):
     """The plans of the first block step, with a scorer over 4 batches."""
     prunable = prepare_dense(model, weight_reorder=False)
     tokens = _counting_sequences(model.config.vocab_size, 8, seed=3)
-    scorer = CalibrationScorer(prunable, tokens, LossSettings(batch_size=2))
+    loss = LossSettings(batch_size=2, head_bound_top_k=head_bound_top_k)
+    scorer = CalibrationScorer(prunable, tokens, loss)
     settings = _settings(prunable)
     plan = initial_plan(prunable.layout, settings)
     cands = STAGES[0].candidates(plan, settings)
     return scorer, [c.apply(plan) for c in cands], [c.layer for c in cands]
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_racing_choice_equals_full_scoring_with_the_worst_candidate_first(counting_llama, mode):
-    scorer, plans, layers = _block_step(counting_llama())
+@pytest.mark.parametrize("mode, head_bound_top_k", [("exact", 0), ("exact", 16), ("fast", 0), ("fast", 16)])
+def test_racing_choice_equals_full_scoring_with_the_worst_candidate_first(
+    counting_llama, mode, head_bound_top_k
+):
+    scorer, plans, layers = _block_step(counting_llama(), head_bound_top_k)
     full = scorer.score(plans, layers, race=RaceSettings(mode="off"))
     worst = max(range(len(plans)), key=lambda k: full.ppl[k])
     order = [worst] + [k for k in range(len(plans)) if k != worst]
@@ -312,7 +324,9 @@ def test_racing_choice_equals_full_scoring_with_the_worst_candidate_first(counti
     for k, ppl in enumerate(raced.ppl):
         if ppl is not None:
             assert ppl == pytest.approx(expected[k], rel=1e-9)
-    assert raced.ppl[0] is None and raced.skipped_batches > 0
+    assert raced.ppl[0] is None
+    # without the head bound the worst is dropped by partial sums; with it, its LM head is never paid
+    assert (raced.skipped_batches if head_bound_top_k == 0 else raced.bounded_batches) > 0
 
 
 def test_exact_racing_with_tied_candidates_keeps_the_first(counting_llama):

@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import ArchitectureAdapter
 from .distributed import Workers
 from .faults import crash_point
+from .head_bound import HeadBound
 from .plan import PruningPlan
 from .racing import RaceSettings, exact_survivors, paired_survivors
 from .surgery import PrunableModel
@@ -38,6 +39,11 @@ class LossSettings:
     # layer-major scoring: candidates whose tails reach a layer with the same modules pass it in one call,
     # up to this much activation memory per call (0: one candidate at a time)
     layer_major_budget_mb: float = 0.0
+    # racing: rule candidates out with a lower bound on their loss from the labels and the current model's
+    # top-k tokens per position (head_bound.py) before paying their full LM head; 0 disables it
+    head_bound_top_k: int = 16
+    # final hidden states kept per step until the candidates that may win get their exact loss
+    head_bound_budget_mb: float = 2048.0
 
 
 def ignored_label(tokenizer) -> int | None:
@@ -71,11 +77,17 @@ def sequence_nll(
         stop = start + settings.chunk_tokens
         logits = adapter.logits_from_hidden(model, hidden[start:stop]).float()
         nll[start:stop] = F.cross_entropy(logits, labels[start:stop], reduction="none")
-    nll = nll.view(input_ids.shape[0], -1)
-    labels = labels.view(input_ids.shape[0], -1)
+    return per_sequence_mean(nll, input_ids, settings)
+
+
+def per_sequence_mean(
+    token_nll: torch.Tensor, input_ids: torch.Tensor, settings: LossSettings
+) -> torch.Tensor:
+    """Each sequence's mean over its positions (flattened in ``token_nll``), leaving out ignored labels."""
+    nll = token_nll.view(input_ids.shape[0], -1)
     if settings.ignore_index is None:
         return nll.mean(dim=1)
-    mask = labels != settings.ignore_index
+    mask = input_ids[:, 1:].to(nll.device) != settings.ignore_index
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
@@ -175,9 +187,9 @@ class CalibrationScorer:
         recorder: _LayerInputRecorder,
         hidden: torch.Tensor,
         start: int,
-        ids: torch.Tensor,
         keep: Callable[[int], bool],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The candidate's final-normed hidden states from layer ``start`` on, and the layer inputs kept."""
         p, model = self.prunable, self.prunable.model
         kept: dict[int, torch.Tensor] = {}
         for index in range(start, p.layout.num_layers):
@@ -185,8 +197,7 @@ class CalibrationScorer:
                 kept[index] = hidden
             hidden = _layer_output(p.adapter.layers(model)[index](hidden, **recorder.kwargs[index]))
             self.layers_run += 1
-        normed = p.adapter.final_norm(model)(hidden)
-        return sequence_nll(model, p.adapter, normed, ids, self.settings), kept
+        return p.adapter.final_norm(model)(hidden), kept
 
     def _run_tails_layer_major(
         self,
@@ -194,7 +205,7 @@ class CalibrationScorer:
         tails: list,
         first_layers: Sequence[int],
         plans: Sequence[PruningPlan],
-        ids: torch.Tensor,
+        batch_shape: torch.Size,
         keep: Callable[[int], bool],
     ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
         """What ``_run_tail`` gives for each tail, layer by layer instead of candidate by candidate.
@@ -206,9 +217,9 @@ class CalibrationScorer:
         """
         p, model = self.prunable, self.prunable.model
         layers, n_layers = p.adapter.layers(model), p.layout.num_layers
-        batch = ids.shape[0]
+        batch = batch_shape[0]
         dtype_bytes = next(model.parameters()).element_size()
-        per_candidate_mb = batch * ids.shape[1] * self._activation_width() * dtype_bytes / 2**20
+        per_candidate_mb = batch * batch_shape[1] * self._activation_width() * dtype_bytes / 2**20
         chunk = max(1, int(self.settings.layer_major_budget_mb // per_candidate_mb))
         kept: dict[int, dict[int, torch.Tensor]] = {k: {} for k, *_ in tails}
         starting: dict[int, list] = {}
@@ -237,11 +248,7 @@ class CalibrationScorer:
                 self.layers_run += len(group)
             active = passed
         finals = dict(active)
-        results = []
-        for k, *_ in tails:
-            normed = p.adapter.final_norm(model)(finals[k])
-            results.append((sequence_nll(model, p.adapter, normed, ids, self.settings), kept[k]))
-        return results
+        return [(p.adapter.final_norm(model)(finals[k]), kept[k]) for k, *_ in tails]
 
     def _activation_width(self) -> int:
         """Widest per-token activation inside a layer (hidden, MLP intermediate, or q/k/v rows)."""
@@ -264,6 +271,16 @@ class CalibrationScorer:
         stride = max(1, math.ceil(wanted / self.settings.reuse_budget_mb))
         return lambda index: index % stride == 0
 
+    def _lazy_heads(self, race: RaceSettings, n_candidates: int) -> bool:
+        """Whether this step bounds candidates' losses first and pays the full LM head only for those that
+        may win: racing on, one process, and their final states within ``head_bound_budget_mb``."""
+        if race.mode == "off" or self.settings.head_bound_top_k <= 0 or self.workers is not None:
+            return False
+        p = self.prunable
+        dtype_bytes = next(p.model.parameters()).element_size()
+        states_mb = n_candidates * self.tokens.numel() * p.layout.hidden_size * dtype_bytes / 2**20
+        return states_mb <= self.settings.head_bound_budget_mb
+
     def _batch_bounds(self) -> list[slice]:
         size = self.settings.batch_size
         return [slice(start, start + size) for start in range(0, self.tokens.shape[0], size)]
@@ -285,33 +302,37 @@ class CalibrationScorer:
         race = race or RaceSettings(mode="off")
         keys = list(keys) if keys is not None else [None] * len(plans)
         batches = self._batch_bounds()
-        run = _StepRun(self, plans, first_layers, keys, on_batch)
+        run = _StepRun(self, plans, first_layers, keys, on_batch, lazy=self._lazy_heads(race, len(plans)))
         alive = set(range(len(plans)))
-        if race.mode == "exact" and len(batches) > 1 and len(plans) > 1:
+        if race.mode == "exact" and len(plans) > 1:
             run.batch(0, alive)
             # the best candidate after one batch is usually the winner: finish it first, then its total
             # bounds everyone else's partial sums
-            leader = min(alive, key=lambda k: (run.partial_sum(k), k))
+            leader = min(alive, key=lambda k: (run.lower_sum(k), k))
             for b in range(1, len(batches)):
                 run.batch(b, {leader})
+            run.finish(leader)
             bound = run.partial_sum(leader)
             for b in range(1, len(batches)):
-                alive = {leader} | exact_survivors({k: run.partial_sum(k) for k in alive - {leader}}, bound)
+                alive = {leader} | run.may_win(alive - {leader}, bound)
                 run.batch(b, alive - {leader})
-            alive = {leader} | exact_survivors({k: run.partial_sum(k) for k in alive - {leader}}, bound)
+            alive = {leader} | run.may_win(alive - {leader}, bound)
         else:
             for b in range(len(batches)):
                 run.batch(b, alive)
                 seen = min(run.sequences_scored(k) for k in alive)
                 if race.mode == "fast" and seen >= race.min_sequences and b < len(batches) - 1:
+                    for k in alive:
+                        run.finish(k)
                     alive = paired_survivors({k: run.sequence_nll(k) for k in alive}, race.z)
+        run.settle(alive)
         self._saved = run.fresh  # candidates that are gone (chosen, or of another stage) free their memory
         total = self.tokens.shape[0]
         ppl = [
-            math.exp(run.partial_sum(k) / total) if run.sequences_scored(k) == total else None
+            math.exp(run.partial_sum(k) / total) if run.exact_sequences(k) == total else None
             for k in range(len(plans))
         ]
-        skipped = sum(len(batches) - len(run.nll[k]) for k in range(len(plans)))
+        skipped = sum(len(batches) - len(run.lower[k]) for k in range(len(plans)))
         if on_batch and skipped:
             on_batch(skipped)
         return StepScores(
@@ -321,6 +342,7 @@ class CalibrationScorer:
             sequence_nll=[run.sequence_nll(k) if run.nll[k] else torch.empty(0) for k in range(len(plans))],
             skipped_batches=skipped,
             total_batches=len(batches) * len(plans),
+            bounded_batches=sum(len(run.lower[k]) - len(run.nll[k]) for k in range(len(plans))),
             batches_by_process=None if self.workers is None else self.workers.all_gather(run.scored_here),
         )
 
@@ -329,12 +351,15 @@ class CalibrationScorer:
 class StepScores:
     """What one step's scoring found: full-set perplexity of each surviving candidate."""
 
-    ppl: list[float | None]  # None: eliminated before seeing every sequence
-    partial_ppl: list[float]  # perplexity on the sequences each candidate was scored on
+    ppl: list[float | None]  # None: eliminated before its exact loss on every sequence
+    # perplexity on the sequences each candidate was scored on; for one ruled out by the head bound, a
+    # lower bound on it
+    partial_ppl: list[float]
     sequences: list[int]  # sequences each candidate was scored on
     sequence_nll: list[torch.Tensor]  # each candidate's mean NLL per sequence scored, in sequence order
     skipped_batches: int  # candidate-batches not run thanks to racing
     total_batches: int
+    bounded_batches: int = 0  # candidate-batches run whose full LM head the head bound made unnecessary
     batches_by_process: list[int] | None = None  # with torchrun: candidate-batches each process ran
 
     def best(self) -> int:
@@ -348,13 +373,20 @@ def _nan_last(value: float) -> float:
 
 
 class _StepRun:
-    """Per-step bookkeeping of the scorer: per-candidate NLLs by batch, and states kept for reuse."""
+    """Per-step bookkeeping of the scorer: per-candidate losses by batch, and states kept for reuse.
 
-    def __init__(self, scorer: CalibrationScorer, plans, first_layers, keys, on_batch):
+    ``lower[k][b]``: candidate k's per-sequence loss on batch b, or a lower bound on it while only its tail
+    has run (``lazy``: the exact loss waits in ``nll`` until :meth:`finish` pays its LM head).
+    """
+
+    def __init__(self, scorer: CalibrationScorer, plans, first_layers, keys, on_batch, lazy: bool = False):
         self.scorer, self.plans, self.first_layers, self.keys = scorer, plans, first_layers, keys
         self.on_batch = on_batch
+        self.lazy = lazy
         self.bounds = scorer._batch_bounds()
         self.nll: list[dict[int, torch.Tensor]] = [{} for _ in plans]
+        self.lower: list[dict[int, torch.Tensor]] = [{} for _ in plans]
+        self.final_states: list[dict[int, torch.Tensor]] = [{} for _ in plans]  # lazy: awaiting the head
         self.saved = {k: scorer._saved.get(k) for k in keys if k is not None}
         self.fresh: dict[Hashable, tuple[PruningPlan, dict[int, dict]]] = {
             k: (plan, {}) for k, plan in zip(keys, plans, strict=True) if k is not None
@@ -362,6 +394,9 @@ class _StepRun:
         batch_tokens = scorer.settings.batch_size * scorer.tokens.shape[1]
         self.keep = scorer._keep_rule(first_layers, batch_tokens)
         self.scored_here = 0  # candidate-batches this process ran
+        # bounds are rounded like the losses they bound: compare them with room for that
+        dtype = next(scorer.prunable.model.parameters()).dtype
+        self.margin = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-3
 
     def batch(self, b: int, members) -> None:
         """Score the candidates ``members`` on batch ``b`` (one recording forward, then one tail each)."""
@@ -373,24 +408,36 @@ class _StepRun:
         layers = p.adapter.layers(model)
         recorder = _LayerInputRecorder(layers)
         try:
-            p.adapter.decoder(model)(input_ids=ids, use_cache=False)
+            current = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
             scorer.layers_run += len(layers)
         finally:
             recorder.remove()
+        settings = scorer.settings
+        bound = (
+            HeadBound.from_current(
+                model, p.adapter, current, ids, settings.head_bound_top_k, settings.chunk_tokens
+            )
+            if self.lazy
+            else None
+        )
         workers = scorer.workers
         mine = [k for k in sorted(members) if workers is None or workers.owns(self.first_layers[k])]
         tails = [self._tail_start(k, b, recorder) for k in mine]
-        if scorer.settings.layer_major_budget_mb > 0:
+        if settings.layer_major_budget_mb > 0:
             results = scorer._run_tails_layer_major(
-                recorder, tails, self.first_layers, self.plans, ids, self.keep
+                recorder, tails, self.first_layers, self.plans, ids.shape, self.keep
             )
         else:
             results = []
             for k, start, hidden, _ in tails:
                 with p.trial(self.plans[k]):
-                    results.append(scorer._run_tail(recorder, hidden, start, ids, self.keep))
-        for (k, start, _, reusable), (nll, kept) in zip(tails, results, strict=True):
-            self.nll[k][b] = nll
+                    results.append(scorer._run_tail(recorder, hidden, start, self.keep))
+        for (k, start, _, reusable), (normed, kept) in zip(tails, results, strict=True):
+            if bound is None:
+                self.nll[k][b] = self.lower[k][b] = sequence_nll(model, p.adapter, normed, ids, settings)
+            else:
+                self.lower[k][b] = per_sequence_mean(bound.token_nll(normed), ids, settings)
+                self.final_states[k][b] = normed
             self.scored_here += 1
             crash_point("candidate_scored")
             if self.keys[k] is not None:
@@ -400,9 +447,35 @@ class _StepRun:
         if workers is not None:  # every process ends the batch with every member's losses
             for share in workers.all_gather({k: self.nll[k][b].cpu() for k in mine}):
                 for k, nll in share.items():
-                    self.nll[k][b] = nll
+                    self.nll[k][b] = self.lower[k][b] = nll
             if self.on_batch:
                 self.on_batch(len(members))
+
+    def finish(self, k: int) -> None:
+        """Candidate k's exact loss on every batch it was scored on (its LM head, where it was put off)."""
+        scorer = self.scorer
+        p, model = scorer.prunable, scorer.prunable.model
+        for b, normed in sorted(self.final_states[k].items()):
+            ids = scorer.tokens[self.bounds[b]].to(scorer.device)
+            self.nll[k][b] = self.lower[k][b] = sequence_nll(model, p.adapter, normed, ids, scorer.settings)
+        self.final_states[k].clear()
+
+    def may_win(self, candidates, bound: float) -> set[int]:
+        """The candidates whose loss so far (or its lower bound) does not yet exceed a finished total."""
+        slack = self.margin * abs(bound) if self.lazy else 0.0
+        return exact_survivors({k: self.lower_sum(k) for k in candidates}, bound + slack)
+
+    def settle(self, alive: set[int]) -> None:
+        """Exact totals for every candidate in ``alive`` that may still win, lowest bound first; the others
+        keep their bound (they are provably worse than the best total found)."""
+        best = min((self.partial_sum(k) for k in alive if not self.final_states[k]), default=math.inf)
+        for k in sorted(alive, key=lambda k: (self.lower_sum(k), k)):
+            if not self.final_states[k]:
+                continue
+            if best < math.inf and not self.may_win({k}, best):
+                break
+            self.finish(k)
+            best = min(best, self.partial_sum(k))
 
     def _tail_start(self, k: int, b: int, recorder: _LayerInputRecorder):
         """``(k, first layer to run, its input, reusable saved states)``: from the recorded input of the
@@ -419,18 +492,28 @@ class _StepRun:
         return k, start, hidden, reusable
 
     def sequence_nll(self, k: int) -> torch.Tensor:
+        """Candidate k's exact per-sequence losses, in sequence order (empty while only bounded)."""
+        if not self.nll[k]:
+            return torch.empty(0)
         return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])
 
     def sequences_scored(self, k: int) -> int:
+        return sum(t.numel() for t in self.lower[k].values())
+
+    def exact_sequences(self, k: int) -> int:
         return sum(t.numel() for t in self.nll[k].values())
 
     def partial_sum(self, k: int) -> float:
         # float64, in batch order: the same sum whichever rule reads it, so comparisons are consistent
         return sum(self.nll[k][b].double().sum().item() for b in sorted(self.nll[k]))
 
+    def lower_sum(self, k: int) -> float:
+        """The loss so far, or a lower bound on it where a batch's LM head is still put off."""
+        return sum(self.lower[k][b].double().sum().item() for b in sorted(self.lower[k]))
+
     def partial_ppl(self, k: int) -> float:
         n = self.sequences_scored(k)
-        return math.exp(self.partial_sum(k) / n) if n else math.inf
+        return math.exp(self.lower_sum(k) / n) if n else math.inf
 
 
 @torch.inference_mode()

@@ -307,6 +307,7 @@ class StepRecord:
     plan: dict  # PruningPlan.to_dict()
     skipped_batches: int = 0  # candidate-batches that racing did not need to run
     total_batches: int = 0
+    bounded_batches: int = 0  # candidate-batches run whose full LM head the head bound made unnecessary
     batches_by_process: list[int] | None = None  # candidate-batches each torchrun process scored
 
     def to_dict(self) -> dict:
@@ -315,7 +316,7 @@ class StepRecord:
     @classmethod
     def from_dict(cls, data: dict) -> StepRecord:
         fields = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
-        return cls(**{"skipped_batches": 0, "total_batches": 0, **fields})
+        return cls(**{"skipped_batches": 0, "total_batches": 0, "bounded_batches": 0, **fields})
 
 
 def initial_plan(
@@ -435,10 +436,12 @@ def run_search(
                 plan=replace(plan, channel_order=None).to_dict(),  # the order is the run's, not the step's
                 skipped_batches=scores.skipped_batches,
                 total_batches=scores.total_batches,
+                bounded_batches=scores.bounded_batches,
                 batches_by_process=scores.batches_by_process,
             )
             log.info(
-                "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d batches)",
+                "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d "
+                "candidate-batches, and the full LM head of %d more)",
                 step,
                 stage.name,
                 candidates[best].op,
@@ -449,6 +452,7 @@ def run_search(
                 record.elapsed_s,
                 scores.skipped_batches,
                 scores.total_batches,
+                scores.bounded_batches,
             )
             if on_step:
                 on_step(record, plan)

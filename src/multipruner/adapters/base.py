@@ -143,10 +143,14 @@ class ArchitectureAdapter:
     def logits_from_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the decoder's *final-normed* hidden states (applies the family's logit soft-capping)."""
         logits = self.lm_head(model)(hidden)
-        softcap = getattr(self.text_config(model), "final_logit_softcapping", None)
+        softcap = self.logit_softcap(model)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+    def logit_softcap(self, model: nn.Module) -> float | None:
+        """The final logits' soft-cap (Gemma 2), or None."""
+        return getattr(self.text_config(model), "final_logit_softcapping", None) or None
 
     # --- sub-modules --------------------------------------------------------------------
     def attention_module(self, layer: nn.Module) -> nn.Module:

@@ -103,7 +103,9 @@ def summary_lines(run: RunData) -> list[str]:
     racing_text = (
         MISSING
         if racing is None
-        else f"{racing[0]} of {racing[1]} candidate-batches skipped ({100 * racing[0] / racing[1]:.1f} %)"
+        else f"{racing[0]} of {racing[2]} candidate-batches skipped ({100 * racing[0] / racing[2]:.1f} %); "
+        f"{racing[1]} more ran without their full LM head ({100 * racing[1] / racing[2]:.1f} %, ruled out by "
+        "a lower bound on their loss)"
     )
     lines = [f"- **Model:** `{run.manifest.source.spec}`"] if run.manifest else []
     lines += [

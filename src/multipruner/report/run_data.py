@@ -152,10 +152,13 @@ class RunData:
         return next((s.ppl for s in reversed(self.steps) if s.stage == stage), None)
 
     @property
-    def racing(self) -> tuple[int, int] | None:
-        """(skipped, total) candidate-batches over the search; None for runs that did not count them."""
+    def racing(self) -> tuple[int, int, int] | None:
+        """(skipped, full LM heads avoided, total) candidate-batches over the search; None for runs that did
+        not count them (runs from before the head bound count 0 avoided heads)."""
         total = sum(s.total_batches for s in self.steps)
-        return (sum(s.skipped_batches for s in self.steps), total) if total else None
+        if not total:
+            return None
+        return sum(s.skipped_batches for s in self.steps), sum(s.bounded_batches for s in self.steps), total
 
     @property
     def head_dim(self) -> int | None:
