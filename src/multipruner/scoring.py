@@ -273,8 +273,8 @@ class CalibrationScorer:
 
     def _lazy_heads(self, race: RaceSettings, n_candidates: int) -> bool:
         """Whether this step bounds candidates' losses first and pays the full LM head only for those that
-        may win: racing on, one process, and their final states within ``head_bound_budget_mb``."""
-        if race.mode == "off" or self.settings.head_bound_top_k <= 0 or self.workers is not None:
+        may win: racing on, and their final states within ``head_bound_budget_mb``."""
+        if race.mode == "off" or self.settings.head_bound_top_k <= 0:
             return False
         p = self.prunable
         dtype_bytes = next(p.model.parameters()).element_size()
@@ -322,7 +322,7 @@ class CalibrationScorer:
                 run.batch(b, alive)
                 seen = min(run.sequences_scored(k) for k in alive)
                 if race.mode == "fast" and seen >= race.min_sequences and b < len(batches) - 1:
-                    for k in alive:
+                    for k in sorted(alive):
                         run.finish(k)
                     alive = paired_survivors({k: run.sequence_nll(k) for k in alive}, race.z)
         run.settle(alive)
@@ -387,6 +387,7 @@ class _StepRun:
         self.nll: list[dict[int, torch.Tensor]] = [{} for _ in plans]
         self.lower: list[dict[int, torch.Tensor]] = [{} for _ in plans]
         self.final_states: list[dict[int, torch.Tensor]] = [{} for _ in plans]  # lazy: awaiting the head
+        self.pending: set[int] = set()  # candidates with a bounded batch (every process knows them)
         self.saved = {k: scorer._saved.get(k) for k in keys if k is not None}
         self.fresh: dict[Hashable, tuple[PruningPlan, dict[int, dict]]] = {
             k: (plan, {}) for k, plan in zip(keys, plans, strict=True) if k is not None
@@ -438,27 +439,41 @@ class _StepRun:
             else:
                 self.lower[k][b] = per_sequence_mean(bound.token_nll(normed), ids, settings)
                 self.final_states[k][b] = normed
+                self.pending.add(k)
             self.scored_here += 1
             crash_point("candidate_scored")
             if self.keys[k] is not None:
                 self.fresh[self.keys[k]][1][b] = {**{m: h for m, h in reusable.items() if m <= start}, **kept}
             if self.on_batch and workers is None:
                 self.on_batch(1)
-        if workers is not None:  # every process ends the batch with every member's losses
-            for share in workers.all_gather({k: self.nll[k][b].cpu() for k in mine}):
-                for k, nll in share.items():
-                    self.nll[k][b] = self.lower[k][b] = nll
+        if workers is not None:  # every process ends the batch with every member's losses (or bounds)
+            for share in workers.all_gather({k: (self.lower[k][b].cpu(), b in self.nll[k]) for k in mine}):
+                for k, (lower, exact) in share.items():
+                    self.lower[k][b] = lower
+                    if exact:
+                        self.nll[k][b] = lower
+                    else:
+                        self.pending.add(k)
             if self.on_batch:
                 self.on_batch(len(members))
 
     def finish(self, k: int) -> None:
-        """Candidate k's exact loss on every batch it was scored on (its LM head, where it was put off)."""
+        """Candidate k's exact loss on every batch it was scored on (its LM head, where it was put off).
+        With torchrun every process calls it, in the same order; the one holding k's states computes."""
+        if k not in self.pending:
+            return
         scorer = self.scorer
         p, model = scorer.prunable, scorer.prunable.model
         for b, normed in sorted(self.final_states[k].items()):
             ids = scorer.tokens[self.bounds[b]].to(scorer.device)
             self.nll[k][b] = self.lower[k][b] = sequence_nll(model, p.adapter, normed, ids, scorer.settings)
         self.final_states[k].clear()
+        if scorer.workers is not None:
+            for share in scorer.workers.all_gather({b: nll.cpu() for b, nll in self.nll[k].items()}):
+                for b, nll in share.items():
+                    self.nll[k].setdefault(b, nll)
+                    self.lower[k][b] = self.nll[k][b]
+        self.pending.discard(k)
 
     def may_win(self, candidates, bound: float) -> set[int]:
         """The candidates whose loss so far (or its lower bound) does not yet exceed a finished total."""
@@ -468,9 +483,9 @@ class _StepRun:
     def settle(self, alive: set[int]) -> None:
         """Exact totals for every candidate in ``alive`` that may still win, lowest bound first; the others
         keep their bound (they are provably worse than the best total found)."""
-        best = min((self.partial_sum(k) for k in alive if not self.final_states[k]), default=math.inf)
+        best = min((self.partial_sum(k) for k in alive if k not in self.pending), default=math.inf)
         for k in sorted(alive, key=lambda k: (self.lower_sum(k), k)):
-            if not self.final_states[k]:
+            if k not in self.pending:
                 continue
             if best < math.inf and not self.may_win({k}, best):
                 break
