@@ -418,7 +418,9 @@ class _StepRun:
             HeadBound.from_current(
                 model, p.adapter, current, ids, settings.head_bound_top_k, settings.chunk_tokens
             )
-            if self.lazy
+            # a lone member (the leader finishing its batches) is finished anyway: its bound would cost
+            # more LM-head work than it could spare
+            if self.lazy and len(members) > 1
             else None
         )
         workers = scorer.workers
