@@ -54,3 +54,15 @@ def test_more_processes_than_layers_is_refused_before_any_waiting(
     err = capsys.readouterr().err
     assert "torchrun started 6 processes but the model has 4 layers" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_process_sizes_the_head_bound_by_the_busiest_share(rank):
+    """Whether a step bounds heads must not depend on the rank (the processes would stop agreeing)."""
+    from multipruner.distributed import Workers
+
+    workers = Workers(rank=rank, size=2)
+    layers = [0, 0, 2, 4, 1]  # process 0 owns four of these candidates, process 1 one
+    assert workers.largest_share(layers) == 4
+    assert sum(workers.owns(layer) for layer in layers) == (4 if rank == 0 else 1)
+    assert workers.largest_share([]) == 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +52,15 @@ class Workers:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def owner(self, layer: int) -> int:
+        return layer % self.size
+
     def owns(self, layer: int) -> bool:
-        return layer % self.size == self.rank
+        return self.owner(layer) == self.rank
+
+    def largest_share(self, layers: Sequence[int]) -> int:
+        """How many of these candidates (by first layer) the busiest process scores."""
+        return max(Counter(self.owner(layer) for layer in layers).values(), default=0)
 
     def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.size

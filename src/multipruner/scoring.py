@@ -271,11 +271,13 @@ class CalibrationScorer:
         stride = max(1, math.ceil(wanted / self.settings.reuse_budget_mb))
         return lambda index: index % stride == 0
 
-    def _lazy_heads(self, race: RaceSettings, n_candidates: int) -> bool:
+    def _lazy_heads(self, race: RaceSettings, first_layers: Sequence[int]) -> bool:
         """Whether this step bounds candidates' losses first and pays the full LM head only for those that
-        may win: racing on, and their final states within ``head_bound_budget_mb``."""
+        may win: racing on, and the final states one process keeps within ``head_bound_budget_mb``.
+        Under torchrun every process must decide alike, so each sizes the largest share, not its own."""
         if race.mode == "off" or self.settings.head_bound_top_k <= 0:
             return False
+        n_candidates = len(first_layers) if self.workers is None else self.workers.largest_share(first_layers)
         p = self.prunable
         dtype_bytes = next(p.model.parameters()).element_size()
         states_mb = n_candidates * self.tokens.numel() * p.layout.hidden_size * dtype_bytes / 2**20
@@ -302,7 +304,7 @@ class CalibrationScorer:
         race = race or RaceSettings(mode="off")
         keys = list(keys) if keys is not None else [None] * len(plans)
         batches = self._batch_bounds()
-        run = _StepRun(self, plans, first_layers, keys, on_batch, lazy=self._lazy_heads(race, len(plans)))
+        run = _StepRun(self, plans, first_layers, keys, on_batch, lazy=self._lazy_heads(race, first_layers))
         alive = set(range(len(plans)))
         if race.mode == "exact" and len(plans) > 1:
             run.batch(0, alive)
