@@ -9,7 +9,7 @@ a killed search resumes from its last step. The Markdown table and the figure ar
 
     .venv/bin/python benchmarks/quality.py                      # everything (many hours on 2 CPU cores)
     .venv/bin/python benchmarks/quality.py --models smollm2-135m --ratios 10
-    .venv/bin/python benchmarks/quality.py --table-only         # rebuild docs/quality.md from the JSON
+    .venv/bin/python benchmarks/quality.py --table-only         # rebuild docs/quality-table.md and the figure from the JSON
 """
 
 from __future__ import annotations
