@@ -207,7 +207,11 @@ def _chosen(record: StepRecord) -> tuple:
 def whole_run(args) -> None:
     """The search for ``args.whole_run`` steps once per mode, on the main job's settings."""
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    prunable = prepare_dense(model, weight_reorder=True)
+    # a run's later steps only mean something with that run's channel order (by activations, or L1 if none)
+    order = (
+        RunDirectory(args.after_steps.rsplit(":", 1)[0]).plan()[0].channel_order if args.after_steps else None
+    )
+    prunable = prepare_dense(model, weight_reorder=True, channel_order=order)
     sizes = (
         {}
         if args.whole_run_tokens is None
