@@ -207,10 +207,13 @@ def _chosen(record: StepRecord) -> tuple:
 def whole_run(args) -> None:
     """The search for ``args.whole_run`` steps once per mode, on the main job's settings."""
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    # a run's later steps only mean something with that run's channel order (by activations, or L1 if none)
-    order = (
-        RunDirectory(args.after_steps.rsplit(":", 1)[0]).plan()[0].channel_order if args.after_steps else None
-    )
+    done, order = [], None
+    if args.after_steps:  # start where a finished run was after its first K steps
+        run_dir, k = args.after_steps.rsplit(":", 1)
+        run = RunDirectory(run_dir)
+        done = [StepRecord.from_dict(r) for r in run.step_records() if r["step"] >= 0][: int(k)]
+        # its later steps only mean something with its channel order (by activations, or L1 if none)
+        order = run.plan()[0].channel_order
     prunable = prepare_dense(model, weight_reorder=True, channel_order=order)
     sizes = (
         {}
@@ -218,12 +221,6 @@ def whole_run(args) -> None:
         else dict(block_tokens=args.whole_run_tokens, width_tokens=args.whole_run_tokens)
     )
     sets = CalibrationSettings(seqlen=args.seqlen, **sizes).build(tokenizer)
-    done = []
-    if args.after_steps:  # start where a finished run was after its first K steps
-        run_dir, k = args.after_steps.rsplit(":", 1)
-        done = [StepRecord.from_dict(r) for r in RunDirectory(run_dir).step_records() if r["step"] >= 0][
-            : int(k)
-        ]
     base = dict(target_ratio=10.0, distribution=(44, 52, 4), mlp_group_size=128, attention_group_size=192)
     if args.model != "smollm2-135m":
         base = dict(target_ratio=10.0)
