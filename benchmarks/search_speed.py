@@ -14,6 +14,10 @@ sets) for N steps once per mode (``--modes``: one full forward per candidate, th
 racing, exact racing with and without the head bound, fast), optionally from a finished run's plan
 after K steps (``--after-steps RUN_DIR:K``), and reports each mode's time, the candidate-batches racing
 skipped and those whose LM head the bound spared, and whether its steps chose what the first mode chose.
+
+``--random-shape llama-8b`` (with ``--tokenizer DIR`` and ``--calibration PATH``) replaces the model by a
+Llama-3.1-8B-shaped one with random weights, for GPU timings where no 8B checkpoint is at hand: its
+timings are real, its choices are not meaningful (every candidate scores about alike).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from dataclasses import replace
 
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from multipruner.calibration import CalibrationSettings
 from multipruner.export import prepare_dense
@@ -40,6 +45,45 @@ from multipruner.scoring import (
     ignored_label,
 )
 from multipruner.search import SearchSettings, StepRecord, block_candidates, initial_plan, run_search
+
+# random-weight shapes for timing where the real checkpoint is out of reach (llama-tiny: a dry run)
+RANDOM_SHAPES = {
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
+    ),
+    "llama-tiny": dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+    ),
+}
+
+
+def random_model(shape: str, tokenizer_dir: str, dtype: str, device: str):
+    """``(model, tokenizer)``: a Llama of the named shape with seeded random weights, built on ``device``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=8192)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return model, tokenizer
 
 
 class PeakRss:
@@ -91,6 +135,16 @@ def main() -> None:
         "--modes",
         default="full,off,exact-nobound,exact",
         help=f"whole run: the modes to time, the first is the reference ({', '.join(WHOLE_RUN_MODES)})",
+    )
+    parser.add_argument(
+        "--random-shape",
+        choices=sorted(RANDOM_SHAPES),
+        default=None,
+        help="whole run: a random-weight model of this shape instead of --model (needs --tokenizer)",
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --random-shape")
+    parser.add_argument(
+        "--calibration", default="default", help="whole run: calibration source (prune's --calibration)"
     )
     parser.add_argument(
         "--after-steps",
@@ -178,7 +232,9 @@ class FullForwardScorer:
     """The reference's way as a scorer: every candidate applied, one full forward, full logits."""
 
     def __init__(self, prunable, tokens, loss):
-        self.prunable, self.tokens, self.settings = prunable, tokens, loss
+        # the model's own device: a CPU tensor would meet CUDA weights in the embedding
+        device = next(prunable.model.parameters()).device
+        self.prunable, self.tokens, self.settings = prunable, tokens.to(device), loss
 
     def score(self, plans, first_layers, keys=None, on_batch=None, race=None) -> StepScores:
         ppl = []
@@ -190,13 +246,14 @@ class FullForwardScorer:
         return StepScores(ppl, ppl, [n] * len(plans), [torch.empty(0)] * len(plans), 0, batches)
 
 
-# mode -> (scorer, racing mode, head-bound top-k)
+# mode -> (scorer, racing mode, head-bound top-k, layer-major MB per call)
 WHOLE_RUN_MODES = {
-    "full": ("full", "off", 0),  # one full forward per candidate (the reference's way)
-    "off": ("calibration", "off", 0),  # recorded layer inputs and tail re-runs, every candidate finished
-    "exact-nobound": ("calibration", "exact", 0),  # racing on partial sums only
-    "exact": ("calibration", "exact", 16),  # + the head bound (the default)
-    "fast": ("calibration", "fast", 16),
+    "full": ("full", "off", 0, 0),  # one full forward per candidate (the reference's way)
+    "off": ("calibration", "off", 0, 0),  # recorded layer inputs and tail re-runs, every candidate finished
+    "exact-nobound": ("calibration", "exact", 0, 0),  # racing on partial sums only
+    "exact": ("calibration", "exact", 16, 0),  # + the head bound (the default)
+    "exact-layermajor": ("calibration", "exact", 16, 8192),  # + candidates joined per layer (for GPUs)
+    "fast": ("calibration", "fast", 16, 0),
 }
 
 
@@ -206,7 +263,10 @@ def _chosen(record: StepRecord) -> tuple:
 
 def whole_run(args) -> None:
     """The search for ``args.whole_run`` steps once per mode, on the main job's settings."""
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.random_shape:
+        model, tokenizer = random_model(args.random_shape, args.tokenizer, args.dtype, args.device)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     done, order = [], None
     if args.after_steps:  # start where a finished run was after its first K steps
         run_dir, k = args.after_steps.rsplit(":", 1)
@@ -220,15 +280,20 @@ def whole_run(args) -> None:
         if args.whole_run_tokens is None
         else dict(block_tokens=args.whole_run_tokens, width_tokens=args.whole_run_tokens)
     )
-    sets = CalibrationSettings(seqlen=args.seqlen, **sizes).build(tokenizer)
+    sets = CalibrationSettings(calibration_dataset=args.calibration, seqlen=args.seqlen, **sizes).build(
+        tokenizer
+    )
     base = dict(target_ratio=10.0, distribution=(44, 52, 4), mlp_group_size=128, attention_group_size=192)
-    if args.model != "smollm2-135m":
+    if args.model != "smollm2-135m" or args.random_shape:
         base = dict(target_ratio=10.0)
     results = {}
     for mode in args.modes.split(","):
-        kind, race, top_k = WHOLE_RUN_MODES[mode]
+        kind, race, top_k, layer_major_mb = WHOLE_RUN_MODES[mode]
         loss = LossSettings(
-            ignore_index=ignored_label(tokenizer), batch_size=args.batch_size, head_bound_top_k=top_k
+            ignore_index=ignored_label(tokenizer),
+            batch_size=args.batch_size,
+            head_bound_top_k=top_k,
+            layer_major_budget_mb=layer_major_mb,
         )
         settings = replace(SearchSettings(**base, search=race), max_steps=len(done) + args.whole_run)
         if kind == "full":
@@ -246,24 +311,29 @@ def whole_run(args) -> None:
             progress=False,
         )
         elapsed = time.perf_counter() - started
+        peak = ""
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            torch.cuda.reset_peak_memory_stats()
         prunable.restore()
         results[mode] = (elapsed, records)
         skipped = sum(r.skipped_batches for r in records)
         bounded = sum(r.bounded_batches for r in records)
         total = sum(r.total_batches for r in records)
         print(
-            f"{mode:>13}: {len(records)} steps in {elapsed:7.1f} s; of {total} candidate-batches racing skipped "
+            f"{mode:>16}: {len(records)} steps in {elapsed:7.1f} s; of {total} candidate-batches racing skipped "
             f"{skipped}, and the head bound spared the LM head of {bounded}; "
-            f"choices {[_chosen(r) for r in records]}",
+            f"choices {[_chosen(r) for r in records]}{peak}",
             flush=True,
         )
-    reference = next(iter(results))
+    # one full forward per candidate is what the others are measured against, wherever it ran
+    reference = "full" if "full" in results else next(iter(results))
     ref_time, ref_records = results[reference]
     for mode, (elapsed, records) in results.items():
         # the choice itself; its recorded perplexity differs between scorers in the last float digits
         same = [_chosen(r) == _chosen(o) for r, o in zip(records, ref_records, strict=True)]
         print(
-            f"{mode:>13}: {ref_time / elapsed:.2f}x faster than {reference}; "
+            f"{mode:>16}: {ref_time / elapsed:.2f}x faster than {reference}; "
             f"same choice in {sum(same)} of {len(same)} steps"
         )
 
