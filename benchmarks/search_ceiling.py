@@ -33,6 +33,11 @@ def head_in_layers(layout, untied: bool) -> float:
     return head / layer
 
 
+def _identity(candidate: dict) -> tuple:
+    """What a candidate changes: the same key across steps, and how a step's choice is named."""
+    return candidate["kind"], candidate["op"], candidate["layer"]
+
+
 def step_work(record: dict, previous: dict | None, layers: int, head: float, batch_size: int):
     """(full, tails, tails + racing) for one step, in layer-sequence units."""
     candidates = [c for c in record["candidates"] if c.get("sequences")]
@@ -40,15 +45,15 @@ def step_work(record: dict, previous: dict | None, layers: int, head: float, bat
     first_batch = min(batch_size, sequences)
     reusable = set()
     if previous is not None and previous["stage"] == record["stage"]:
-        reusable = {(c["kind"], c["op"], c["layer"]) for c in previous["candidates"]}
+        reusable = {_identity(c) for c in previous["candidates"]}
         changed = previous["choice"]["layer"]
     full = tails = raced = 0.0
     for cand in candidates:
         first = cand["layer"]
-        if (cand["kind"], cand["op"], cand["layer"]) in reusable:
+        if _identity(cand) in reusable:
             first = max(first, changed)
         tail = layers - first
-        winner = all(cand.get(k) == record["choice"].get(k) for k in ("kind", "op", "layer"))
+        winner = _identity(cand) == _identity(record["choice"])
         full += sequences * (layers + head)
         tails += sequences * tail + (sequences * head if winner else 0.0)
         raced += (sequences * (tail + head)) if winner else first_batch * tail

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from multipruner.calibration import CalibrationSettings
 from multipruner.export import prepare_dense
-from multipruner.models import load_model
+from multipruner.models import load_model, resolve_dtype
 from multipruner.run_dir import RunDirectory
 from multipruner.scoring import (
     CalibrationScorer,
@@ -77,7 +77,7 @@ def random_model(shape: str, tokenizer_dir: str, dtype: str, device: str):
     config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=8192)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
+    torch.set_default_dtype(resolve_dtype(dtype, torch.device(device)))
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config).eval()
@@ -232,9 +232,7 @@ class FullForwardScorer:
     """The reference's way as a scorer: every candidate applied, one full forward, full logits."""
 
     def __init__(self, prunable, tokens, loss):
-        # the model's own device: a CPU tensor would meet CUDA weights in the embedding
-        device = next(prunable.model.parameters()).device
-        self.prunable, self.tokens, self.settings = prunable, tokens.to(device), loss
+        self.prunable, self.tokens, self.settings = prunable, tokens, loss
 
     def score(self, plans, first_layers, keys=None, on_batch=None, race=None) -> StepScores:
         ppl = []

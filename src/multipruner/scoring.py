@@ -542,8 +542,9 @@ def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, settings: Lo
     Used as the brute-force baseline in tests and benchmarks.
     """
     nlls = []
+    device = next(model.parameters()).device  # batches go where the weights are, as the scorer's do
     for start in range(0, tokens.shape[0], settings.batch_size):
-        ids = tokens[start : start + settings.batch_size]
+        ids = tokens[start : start + settings.batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]
         labels = ids[:, 1:]
         ignore = settings.ignore_index if settings.ignore_index is not None else -100
