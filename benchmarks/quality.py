@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -210,6 +211,19 @@ def table_rows(cells: list[dict], model: str) -> list[list[str]]:
     return rows
 
 
+# a perplexity above this multiple of the dense one is drawn at the top edge and labelled with its value:
+# one destroyed model (ShortGPT at 20 % on Gemma, ~1e11) would otherwise flatten every other line
+OFF_SCALE_FACTOR = 100.0
+
+
+def clip_off_scale(points: list[tuple[float, float]], ceiling: float | None):
+    """Points for a log-scale plot: those above ``ceiling`` move onto it; also returns the moved ones."""
+    if ceiling is None:
+        return list(points), []
+    drawn = [(x, min(y, ceiling)) for x, y in points]
+    return drawn, [(x, y) for x, y in points if y > ceiling]
+
+
 def plot(cells: list[dict], path: Path) -> None:
     models = sorted({c["model"] for c in cells})
     fig = Figure(figsize=(5.2 * len(PPL_TASKS), 3.6 * len(models)), dpi=120, layout="constrained")
@@ -219,23 +233,46 @@ def plot(cells: list[dict], path: Path) -> None:
         dense = next((c for c in cells if c["model"] == model and c["method"] == "dense"), None)
         for col, task in enumerate(PPL_TASKS):
             ax = axes[row][col]
-            for method in ROW_ORDER[1:]:
+            dense_ppl = EvalResult.from_dict(dense["eval"]).tasks[task]["ppl"].value if dense else None
+            ceiling = dense_ppl * OFF_SCALE_FACTOR if dense_ppl else None
+            clipped_any = False
+            # one colour per method across panels, so a line means the same thing in every plot
+            for colour, method in enumerate(ROW_ORDER[1:]):
                 points = sorted(
                     (c["ratio"], EvalResult.from_dict(c["eval"]).tasks[task]["ppl"].value)
                     for c in cells
                     if c["model"] == model and c["method"] == method
                 )
-                if dense:
-                    points.insert(0, (0.0, EvalResult.from_dict(dense["eval"]).tasks[task]["ppl"].value))
-                if len(points) > int(dense is not None):
-                    ax.plot(*zip(*points, strict=True), marker="o", label=method)
+                if dense_ppl:
+                    points.insert(0, (0.0, dense_ppl))
+                if len(points) <= int(dense is not None):
+                    continue
+                drawn, off_scale = clip_off_scale(points, ceiling)
+                (line,) = ax.plot(*zip(*drawn, strict=True), marker="o", label=method, color=f"C{colour}")
+                for x, y in off_scale:
+                    clipped_any = True
+                    ax.plot([x], [ceiling], marker="^", markersize=10, color=line.get_color())
+                    ax.annotate(
+                        f"{y:.1e}",
+                        (x, ceiling),
+                        textcoords="offset points",
+                        xytext=(-8, -14),
+                        ha="right",
+                        fontsize=8,
+                        color=line.get_color(),
+                    )
             ax.set_yscale("log")
+            if clipped_any:
+                ax.set_ylim(top=ceiling * 1.6)
             ax.set_title(f"{model}: {LABELS[task]} test")
             ax.set_xlabel("parameters removed (%)")
-            ax.set_ylabel("perplexity (log scale)")
+            ylabel = "perplexity (log scale)"
+            if clipped_any:
+                ylabel += f"; ▲ above {OFF_SCALE_FACTOR:g}× dense, value shown"
+            ax.set_ylabel(ylabel, fontsize=8 if clipped_any else None)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-    buffer = __import__("io").BytesIO()
+            ax.legend(fontsize=7)
+    buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
 
