@@ -340,3 +340,21 @@ def test_paper_avg_none_without_all_paper_tasks(tiny_lm: tuple[Any, Any]) -> Non
     out = evaluate_zero_shot(model, tokenizer, "piqa", limit=3, batch_size=4)
     assert EvalResult(EvalMeta(params=1), out).paper_average() is None
     assert out["piqa"]["acc"].n == 3
+
+
+def test_answer_counts_match_the_labels_and_the_accuracy(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """Gold counts are the file's labels by position (no, yes); the picks' hits are lm-eval's own acc."""
+    model, tokenizer = tiny_lm
+    labels = ["true", "true", "false", "true", "true", "true", "false", "true"]
+    rows = [
+        {"question": f"is it number {i}", "passage": f"A man is sitting on roof {i}.", "label": label}
+        for i, label in enumerate(labels)
+    ]
+    files = {"boolq": _write_jsonl(tmp_path / "boolq.jsonl", rows)}
+    counts = zs.answer_counts(model, tokenizer, "boolq", batch_size=4, overrides=files)
+    assert counts.task == "boolq"
+    assert counts.choices == ("no", "yes")
+    assert counts.gold == (labels.count("false"), labels.count("true"))
+    assert sum(counts.picked) == counts.examples == len(labels)
+    acc = evaluate_zero_shot(model, tokenizer, "boolq", batch_size=4, overrides=files)["boolq"]["acc"]
+    assert counts.correct / counts.examples == pytest.approx(acc.value)

@@ -230,6 +230,47 @@ def _summarize(raw: Mapping[str, Any], lm_names: Mapping[str, str]) -> dict[str,
     return summary
 
 
+def _simple_evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str],
+    *,
+    limit: int | None,
+    batch_size: int,
+    data_dir: str | os.PathLike | None,
+    overrides: Mapping[str, str | os.PathLike] | None,
+    device: str | None,
+    log_samples: bool = False,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """lm-eval's raw results for the tasks, and each lm-eval task name's plain name."""
+    import torch
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    files = resolve_task_files(tasks, data_dir=data_dir, overrides=overrides)
+    manager = _task_manager(any(path is None for path in files.values()))
+    built = build_tasks(files, manager)
+    lm_names = {task.task_name: name for name, task in built.items()}
+    logger.info("zero-shot: %s (limit=%s)", {n: str(p) if p else "hub" for n, p in files.items()}, limit)
+
+    if device is not None and torch.device(device) != model.device:
+        model.to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    raw = evaluator.simple_evaluate(
+        model=lm,
+        tasks=list(built.values()),
+        num_fewshot=0,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        # Loglikelihood scoring is deterministic; don't reseed the caller's global RNGs.
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,
+    )
+    return raw, lm_names
+
+
 def evaluate_zero_shot(
     model: Any,
     tokenizer: Any,
@@ -250,29 +291,82 @@ def evaluate_zero_shot(
     standard errors and the number of examples scored; ``acc_norm`` is absent for tasks whose stock
     metrics lack it (boolq, winogrande).
     """
-    import torch
-    from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
-
-    files = resolve_task_files(tasks, data_dir=data_dir, overrides=overrides)
-    manager = _task_manager(any(path is None for path in files.values()))
-    built = build_tasks(files, manager)
-    lm_names = {task.task_name: name for name, task in built.items()}
-    logger.info("zero-shot: %s (limit=%s)", {n: str(p) if p else "hub" for n, p in files.items()}, limit)
-
-    if device is not None and torch.device(device) != model.device:
-        model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    raw = evaluator.simple_evaluate(
-        model=lm,
-        tasks=list(built.values()),
-        num_fewshot=0,
+    raw, lm_names = _simple_evaluate(
+        model,
+        tokenizer,
+        tasks,
         limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        # Loglikelihood scoring is deterministic; don't reseed the caller's global RNGs.
-        random_seed=None,
-        numpy_random_seed=None,
-        torch_random_seed=None,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        overrides=overrides,
+        device=device,
     )
     return _summarize(raw, lm_names)
+
+
+@dataclass(frozen=True)
+class AnswerCounts:
+    """Which answer a model picks on a multiple-choice task, by choice position, against the gold one.
+
+    A near-chance accuracy reads differently when the model gives one answer to everything: on a
+    yes/no task it then scores the share of that answer among the gold labels, whatever it knows.
+    """
+
+    task: str
+    choices: tuple[str, ...]  # the positions' names: the choices' texts where all examples share them
+    picked: tuple[int, ...]  # per position: examples where the model's answer (``acc``'s argmax) is it
+    gold: tuple[int, ...]  # per position: examples whose gold answer is it
+    correct: int
+
+    @property
+    def examples(self) -> int:
+        return sum(self.gold)
+
+
+def _gold_position(sample: Mapping[str, Any]) -> int:
+    """The gold answer's position: lm-eval gives an index, or the answer's text (matched to a choice)."""
+    target = sample["target"]
+    if isinstance(target, int):
+        return target
+    continuations = [str(args[1]).strip() for args in sample["arguments"]]
+    return continuations.index(str(target).strip())
+
+
+def answer_counts(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    data_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, str | os.PathLike] | None = None,
+    device: str | None = "cpu",
+) -> AnswerCounts:
+    """Count the answers ``model`` picks on one multiple-choice task (the unnormalised ``acc`` rule:
+    the choice with the highest log-likelihood), per choice position, beside the gold answers'."""
+    raw, lm_names = _simple_evaluate(
+        model,
+        tokenizer,
+        [task],
+        limit=limit,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        overrides=overrides,
+        device=device,
+        log_samples=True,
+    )
+    samples = raw["samples"][next(iter(lm_names))]
+    width = max(len(s["filtered_resps"]) for s in samples)
+    picked, gold, correct = [0] * width, [0] * width, 0
+    for sample in samples:
+        logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
+        choice = max(range(len(logliks)), key=logliks.__getitem__)
+        answer = _gold_position(sample)
+        picked[choice] += 1
+        gold[answer] += 1
+        correct += choice == answer
+    texts = {tuple(str(args[1]).strip() for args in s["arguments"]) for s in samples}
+    # name positions by their text when every example offers the same choices (yes/no), else by number
+    choices = texts.pop() if len(texts) == 1 else tuple(str(i + 1) for i in range(width))
+    return AnswerCounts(next(iter(lm_names.values())), choices, tuple(picked), tuple(gold), correct)
