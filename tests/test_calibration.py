@@ -159,6 +159,16 @@ def test_a_source_smaller_than_the_budget_gives_what_it_has_and_warns(tmp_path, 
     assert "holds only" in caplog.text and "overfit" in caplog.text
 
 
+def test_sets_drawn_for_another_use_than_ranking_do_not_warn_of_overfitting(tmp_path, tokenizer, caplog):
+    """Compensation draws its tokens with a one-sequence placeholder width set: no ranking, no warning."""
+    path = _write(tmp_path / "small.txt", "\n\n".join(_documents(20)))
+    sizes = {"block": SetSize(tokens=256), "width": SetSize(tokens=32), "seqlen": 32}
+    build_calibration_sets(str(path), tokenizer, rank_candidates=False, **sizes)
+    assert "overfit" not in caplog.text
+    build_calibration_sets(str(path), tokenizer, **sizes)
+    assert "the width calibration set holds only 32 tokens" in caplog.text
+
+
 def test_mixed_sources_fill_equal_shares_and_mix_batches(tmp_path, tokenizer):
     rng = random.Random(0)
 

@@ -212,8 +212,12 @@ def build_calibration_sets(
     width: SetSize,
     seqlen: int,
     seed: int = 42,
+    rank_candidates: bool = True,
 ) -> dict[str, torch.LongTensor]:
     """The block-stage and width-stage calibration sets, ``{"block": [n, seqlen], "width": [m, seqlen]}``.
+
+    ``rank_candidates``: the sets will rank a search's candidates, so a set too small to rank them
+    without overfitting is warned about (not for tokens drawn for another use, such as compensation).
 
     Reference mode (``samples``) draws row indices from one ``Random(seed)``, width set first, over all
     rows as the reference does (an empty WikiText row is drawn like any other and adds only a separator);
@@ -248,7 +252,7 @@ def build_calibration_sets(
         reused = [s.name for s in streams if s.wrapped]
         if reused:
             log.warning("calibration source %s is smaller than both sets: they share text", ", ".join(reused))
-    for label, tokens in sets.items():
+    for label, tokens in sets.items() if rank_candidates else ():
         if tokens.numel() < SANE_MIN_TOKENS:
             log.warning(
                 "the %s calibration set holds only %d tokens; rankings on fewer than %d tokens overfit "
@@ -324,8 +328,14 @@ class CalibrationSettings:
         if bad:
             raise DataSourceError(listing("invalid calibration settings", bad))
 
-    def build(self, tokenizer: Any) -> dict[str, torch.LongTensor]:
+    def build(self, tokenizer: Any, rank_candidates: bool = True) -> dict[str, torch.LongTensor]:
         block, width = self.set_sizes()
         return build_calibration_sets(
-            self.calibration_dataset, tokenizer, block=block, width=width, seqlen=self.seqlen, seed=self.seed
+            self.calibration_dataset,
+            tokenizer,
+            block=block,
+            width=width,
+            seqlen=self.seqlen,
+            seed=self.seed,
+            rank_candidates=rank_candidates,
         )

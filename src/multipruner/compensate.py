@@ -77,13 +77,14 @@ class CompensateSettings:
         if not self.tokens and stored is not None:
             return torch.cat([stored["width"], stored["block"]])
         budget = self.tokens or calibration.block_tokens + calibration.width_tokens
+        # one set is drawn with the budget; the width set is a one-sequence placeholder, never used
         sets = replace(
             calibration,
             block_tokens=budget,
             width_tokens=calibration.seqlen,
             num_calibration_samples_block=None,
             num_calibration_samples_width=None,
-        ).build(tokenizer)
+        ).build(tokenizer, rank_candidates=False)
         return sets["block"]
 
     def validate(self) -> None:
