@@ -109,6 +109,7 @@ def training_tokens(settings: RecoverSettings, tokenizer) -> torch.Tensor:
         width=SetSize(tokens=settings.seqlen),
         seqlen=settings.seqlen,
         seed=settings.seed,
+        rank_candidates=False,  # training text; the width set is a one-sequence placeholder
     )
     return sets["block"]
 
