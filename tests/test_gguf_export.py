@@ -21,6 +21,22 @@ llama_cpp = pytest.importorskip(
 SEQ = 24
 
 
+@pytest.fixture(autouse=True)
+def _plain_cpu_weights(monkeypatch):
+    """Load models without llama.cpp's extra CPU buffer types (AMX and repacked weights). On CPUs with AMX
+    they crash llama.cpp (a segfault in decode) on this file's tiny q8_0 tensors, whatever the export
+    wrote; the plain CPU path computes the same logits, and those are what these tests compare."""
+    defaults = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_extra_buffers)
+
+
 def _tiny(name: str, tokenizer):
     model_cls, config_cls, sizes = _TINY_SPECS[name]
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
