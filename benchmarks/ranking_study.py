@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -87,14 +88,21 @@ def main() -> None:
     parser.add_argument("--corpora", default="piqa,wikitext2+ptb+piqa")
     parser.add_argument("--steps", default="width,block")
     parser.add_argument("--draws", type=int, default=400)
+    parser.add_argument(
+        "--after-blocks",
+        type=json.loads,
+        default=REFERENCE_BLOCKS,
+        help='the block stage the width step starts from, e.g. \'{"pruned_attn_idx": [7, 8], "pruned_mlp_idx": [6]}\' '
+        "(default: the old SmolLM2 main job's)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     model, tokenizer = load_model(args.model)
     prunable = prepare_dense(model, weight_reorder=True)
     layout = prunable.layout
-    settings = SearchSettings(mlp_group_size=128, attention_group_size=192).resolved(layout)
+    settings = SearchSettings().resolved(layout)  # the model's group sizes (SmolLM2: 128 channels, 3 heads)
     dense = initial_plan(layout, settings)
-    after_blocks = PruningPlan.from_reference(REFERENCE_BLOCKS, layout)
+    after_blocks = PruningPlan.from_reference(args.after_blocks, layout)
     steps = {
         "width": (after_blocks, width_candidates("mlp")(after_blocks, settings)),
         "block": (dense, block_candidates(dense, settings)),
@@ -139,7 +147,7 @@ def main() -> None:
             log.info("%s step, %s: %s", name, corpus, json.dumps(entry["corpora"][corpus]["regret"]))
         entry["seconds"] = time.perf_counter() - started
         result["steps"][name] = entry
-        atomic_write_text(__import__("pathlib").Path(args.out), json.dumps(result, indent=1) + "\n")
+        atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
