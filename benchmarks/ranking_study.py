@@ -115,6 +115,7 @@ def main() -> None:
             width=SetSize(tokens=args.seqlen),
             seqlen=args.seqlen,
             seed=7,
+            rank_candidates=False,  # a pool to draw subsets from; the width set is a placeholder
         )["block"]
         for corpus in args.corpora.split(",")
     }
