@@ -252,7 +252,8 @@ def build_calibration_sets(
         reused = [s.name for s in streams if s.wrapped]
         if reused:
             log.warning("calibration source %s is smaller than both sets: they share text", ", ".join(reused))
-    for label, tokens in sets.items() if rank_candidates else ():
+    ranked = sets.items() if rank_candidates else ()
+    for label, tokens in ranked:
         if tokens.numel() < SANE_MIN_TOKENS:
             log.warning(
                 "the %s calibration set holds only %d tokens; rankings on fewer than %d tokens overfit "
