@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from multipruner.calibration import SetSize, build_calibration_sets
+from multipruner.calibration import draw_tokens
 from multipruner.data import eval_token_stream
 from multipruner.export import prepare_dense
 from multipruner.io_utils import atomic_write_text
@@ -108,15 +108,7 @@ def main() -> None:
         "block": (dense, block_candidates(dense, settings)),
     }
     pools = {
-        corpus: build_calibration_sets(
-            corpus,
-            tokenizer,
-            block=SetSize(tokens=args.pool_tokens),
-            width=SetSize(tokens=args.seqlen),
-            seqlen=args.seqlen,
-            seed=7,
-            rank_candidates=False,  # a pool to draw subsets from; the width set is a placeholder
-        )["block"]
+        corpus: draw_tokens(corpus, tokenizer, tokens=args.pool_tokens, seqlen=args.seqlen, seed=7)
         for corpus in args.corpora.split(",")
     }
     held = held_out_tokens(tokenizer, args.seqlen, args.held_out_per_text)

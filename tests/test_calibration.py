@@ -14,6 +14,7 @@ from multipruner.calibration import (
     CalibrationSettings,
     SetSize,
     build_calibration_sets,
+    draw_tokens,
     resolve_source,
     sample_and_tokenize,
 )
@@ -160,13 +161,15 @@ def test_a_source_smaller_than_the_budget_gives_what_it_has_and_warns(tmp_path, 
 
 
 def test_sets_drawn_for_another_use_than_ranking_do_not_warn_of_overfitting(tmp_path, tokenizer, caplog):
-    """Compensation draws its tokens with a one-sequence placeholder width set: no ranking, no warning."""
+    """Compensation and recovery draw one budget (draw_tokens): the block set a search with a one-sequence
+    width set would draw, token for token, without the warning meant for sets that rank candidates."""
     path = _write(tmp_path / "small.txt", "\n\n".join(_documents(20)))
     sizes = {"block": SetSize(tokens=256), "width": SetSize(tokens=32), "seqlen": 32}
-    build_calibration_sets(str(path), tokenizer, rank_candidates=False, **sizes)
+    drawn = draw_tokens(str(path), tokenizer, tokens=256, seqlen=32, seed=42)
     assert "overfit" not in caplog.text
-    build_calibration_sets(str(path), tokenizer, **sizes)
+    searched = build_calibration_sets(str(path), tokenizer, **sizes)
     assert "the width calibration set holds only 32 tokens" in caplog.text
+    assert torch.equal(drawn, searched["block"])
 
 
 def test_mixed_sources_fill_equal_shares_and_mix_batches(tmp_path, tokenizer):

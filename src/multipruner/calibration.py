@@ -265,6 +265,21 @@ def build_calibration_sets(
     return {"block": sets["block"], "width": sets["width"]}
 
 
+def draw_tokens(source: str, tokenizer: Any, *, tokens: int, seqlen: int, seed: int = 42) -> torch.LongTensor:
+    """One set of ``tokens`` tokens in rows of ``seqlen`` for a use other than ranking candidates
+    (compensation, recovery, studies): the block set a search with this budget would draw, after its
+    one-sequence width set, so the same budget and seed give the same tokens."""
+    return build_calibration_sets(
+        source,
+        tokenizer,
+        block=SetSize(tokens=tokens),
+        width=SetSize(tokens=seqlen),
+        seqlen=seqlen,
+        seed=seed,
+        rank_candidates=False,
+    )["block"]
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """What the search is scored on; every field changes the result."""
@@ -329,14 +344,8 @@ class CalibrationSettings:
         if bad:
             raise DataSourceError(listing("invalid calibration settings", bad))
 
-    def build(self, tokenizer: Any, rank_candidates: bool = True) -> dict[str, torch.LongTensor]:
+    def build(self, tokenizer: Any) -> dict[str, torch.LongTensor]:
         block, width = self.set_sizes()
         return build_calibration_sets(
-            self.calibration_dataset,
-            tokenizer,
-            block=block,
-            width=width,
-            seqlen=self.seqlen,
-            seed=self.seed,
-            rank_candidates=rank_candidates,
+            self.calibration_dataset, tokenizer, block=block, width=width, seqlen=self.seqlen, seed=self.seed
         )

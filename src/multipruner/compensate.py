@@ -35,12 +35,13 @@ Families that normalise a branch's output before adding it (Gemma 3) cannot fold
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import draw_tokens
 from .errors import UsageError
 from .plan import PruningPlan
 from .scoring import _LayerInputRecorder
@@ -77,15 +78,13 @@ class CompensateSettings:
         if not self.tokens and stored is not None:
             return torch.cat([stored["width"], stored["block"]])
         budget = self.tokens or calibration.block_tokens + calibration.width_tokens
-        # one set is drawn with the budget; the width set is a one-sequence placeholder, never used
-        sets = replace(
-            calibration,
-            block_tokens=budget,
-            width_tokens=calibration.seqlen,
-            num_calibration_samples_block=None,
-            num_calibration_samples_width=None,
-        ).build(tokenizer, rank_candidates=False)
-        return sets["block"]
+        return draw_tokens(
+            calibration.calibration_dataset,
+            tokenizer,
+            tokens=budget,
+            seqlen=calibration.seqlen,
+            seed=calibration.seed,
+        )
 
     def validate(self) -> None:
         if self.damping < 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import DEFAULT_SOURCE, SetSize, build_calibration_sets
+from .calibration import DEFAULT_SOURCE, draw_tokens
 from .errors import UsageError
 from .faults import crash_point
 from .io_utils import atomic_directory, atomic_write_text
@@ -102,16 +102,7 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 def training_tokens(settings: RecoverSettings, tokenizer) -> torch.Tensor:
     budget = settings.max_steps * settings.batch_size * settings.seqlen
-    sets = build_calibration_sets(
-        settings.data,
-        tokenizer,
-        block=SetSize(tokens=budget),
-        width=SetSize(tokens=settings.seqlen),
-        seqlen=settings.seqlen,
-        seed=settings.seed,
-        rank_candidates=False,  # training text; the width set is a one-sequence placeholder
-    )
-    return sets["block"]
+    return draw_tokens(settings.data, tokenizer, tokens=budget, seqlen=settings.seqlen, seed=settings.seed)
 
 
 class Recovery:
