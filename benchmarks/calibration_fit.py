@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
 from multipruner.evaluation.perplexity import stream_perplexity
 from multipruner.models import load_model
 from multipruner.run_dir import RunDirectory
-from multipruner.scoring import ignored_label
+from multipruner.scoring import ignored_label, perplexity_from_nll
 from multipruner.tables import render_table
 
 
@@ -39,7 +41,7 @@ def main() -> None:
         ignore = ignored_label(tokenizer)
         column = []
         for name, tokens in sets.items():
-            logs = []
+            logs = []  # each sequence's mean NLL
             for row in tokens:
                 ppl = stream_perplexity(model, row, seqlen=row.numel(), ignore_index=ignore, progress=False)
                 logs.append(math.log(ppl))
@@ -47,7 +49,7 @@ def main() -> None:
                 if not columns:
                     words = tokenizer.decode(row[:16], skip_special_tokens=True).split()
                     labels.append(f"{name}: {' '.join(words[:6])} …")
-            column.append(f"{math.exp(sum(logs) / len(logs)):.1f}")
+            column.append(f"{perplexity_from_nll(torch.tensor(logs)):.1f}")
             if not columns:
                 labels.append(f"{name} set, all")
         columns.append(column)
