@@ -40,15 +40,31 @@ log = logging.getLogger("quality")
 
 PPL_TASKS = ("wikitext2", "ptb")
 ZERO_SHOT = ("piqa", "arc_easy", "hellaswag", "boolq", "openbookqa")
-METHODS = ("multipruner", "multipruner-l1", "blockpruner", "shortgpt")
-# a row that is another method with settings fixed: the paper's channel order (today's default orders by activations)
-VARIANTS = {"multipruner-l1": ("multipruner", {"channel_importance": "l1"})}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A row that is another method with some search or calibration settings fixed."""
+
+    method: str
+    search: dict = dataclasses.field(default_factory=dict)
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+
+VARIANTS = {
+    # the paper's channel order (today's default orders by activations)
+    "multipruner-l1": Variant("multipruner", search={"channel_importance": "l1"}),
+    # twice the default width set: does a width stage of many steps overfit less (docs/quality.md §3d)
+    "multipruner-width2048": Variant("multipruner", calibration={"width_tokens": 2048}),
+}
+METHODS = ("multipruner", "blockpruner", "shortgpt")  # the issue's table; a variant is asked for by name
 # rows for the models a reused run saved after its search ("<method>+compensate", ...), and where it keeps them
 DERIVED_SUFFIXES = {"+compensate": "model-compensated", "+compensate+recover": "model-recovered"}
 DERIVED = tuple(f"{m}{suffix}" for m in ("multipruner", "multipruner-l1") for suffix in DERIVED_SUFFIXES)
 ROW_ORDER = (
     "dense",
     *(m + suffix for m in ("multipruner", "multipruner-l1") for suffix in ("", *DERIVED_SUFFIXES)),
+    "multipruner-width2048",
     "blockpruner",
     "shortgpt",
 )
@@ -80,21 +96,23 @@ def run_cell(args, model: str, method: str, ratio: float) -> dict:
     key = cell_key(model, method, ratio)
     reused = dict(item.split("=", 1) for item in args.reuse)
     run_dir = Path(reused.get(key) or Path(args.runs) / Path(model).name / f"{method}-{ratio:g}")
-    search_method, fixed = VARIANTS.get(method, (method, {}))
-    overrides = {**fixed, **json.loads(args.search_overrides).get(model, {})}
+    variant = VARIANTS.get(method, Variant(method))
+    overrides = {**variant.search, **json.loads(args.search_overrides).get(model, {})}
     if key in reused:  # a finished search made elsewhere (e.g. the main job): evaluate its plan as it is
         command = f"(search reused from {run_dir})"
     else:
         job = PruneJob(
             model=ModelSettings(model=model, device="cpu"),
-            calibration=CalibrationSettings(),
-            search=SearchSettings(method=search_method, target_ratio=ratio, **overrides),
+            calibration=CalibrationSettings(**variant.calibration),
+            search=SearchSettings(method=variant.method, target_ratio=ratio, **overrides),
             run=RunOptions(output_path=str(run_dir), resume=RunDirectory(run_dir).exists()),
             progress=False,
         )
         prune(job)
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
-        command = f"multipruner prune --model {model} --method {search_method} --target-ratio {ratio:g} " + (
+        flags = " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in {**variant.calibration, **overrides}.items()
+        )
+        command = f"multipruner prune --model {model} --method {variant.method} --target-ratio {ratio:g} " + (
             f"--output-path {run_dir} {flags}".strip()
         )
     run = RunDirectory(run_dir)
@@ -295,7 +313,9 @@ def write_markdown(cells: list[dict], args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"also: {', '.join(VARIANTS)} (default: %(default)s)"
+    )
     parser.add_argument("--ratios", default="10,20")
     parser.add_argument("--runs", default="runs/quality", help="run directories of the searches")
     parser.add_argument("--json", default="docs/quality.json")

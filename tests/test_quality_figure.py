@@ -1,13 +1,19 @@
-"""benchmarks/quality.py's figure: off-scale perplexities move to the top edge and are reported, others stay."""
+"""benchmarks/quality.py: its figure (off-scale perplexities move to the top edge and are reported, others
+stay) and its variant rows (settings the tool accepts)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+from multipruner.calibration import CalibrationSettings
+from multipruner.search import SearchSettings
 
 _spec = importlib.util.spec_from_file_location(
     "quality_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 )
 quality = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = quality  # a dataclass looks its module up there
 _spec.loader.exec_module(quality)
 
 
@@ -30,3 +36,15 @@ def test_figure_is_written_from_the_committed_cells(tmp_path):
     out = tmp_path / "figure.png"
     quality.plot(cells, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_variant_row_is_settings_the_tool_accepts():
+    for name, variant in quality.VARIANTS.items():
+        assert variant.method in quality.METHODS, name
+        assert name in quality.ROW_ORDER, name
+        calibration = CalibrationSettings(**variant.calibration)
+        search = SearchSettings(method=variant.method, target_ratio=10.0, **variant.search)
+        for field, value in variant.calibration.items():
+            assert getattr(calibration, field) == value
+        for field, value in variant.search.items():
+            assert getattr(search, field) == value
