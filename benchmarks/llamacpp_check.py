@@ -9,6 +9,7 @@ For each model (the pruned one and its dense source) and each --outtypes entry:
     model, with --threads threads.
 
     .venv/bin/python benchmarks/llamacpp_check.py --model runs/smollm2-135m/model --out-dir runs/gguf
+    # add --no-repack on a CPU with AMX (lscpu | grep amx): llama.cpp's repacked weights crash there
 """
 
 from __future__ import annotations
@@ -139,6 +140,21 @@ def check(name: str, spec: str, args) -> dict:
     return row
 
 
+def without_extra_buffers() -> None:
+    """Load every later model without llama.cpp's extra CPU buffer types (AMX, repacked weights), as
+    llama.cpp's own ``--no-repack`` does: on CPUs with AMX, llama-cpp-python 0.3.36 segfaults in decode
+    on quantized files otherwise (README). Speeds then measure the plain CPU kernels."""
+    bindings = llama_cpp.llama.llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def params():
+        loaded = defaults()
+        loaded.use_extra_bufts = False
+        return loaded
+
+    bindings.llama_model_default_params = params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a pruned model directory")
@@ -151,7 +167,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="plain CPU weight buffers (needed where AMX makes llama.cpp crash on quantized files)",
+    )
     args = parser.parse_args()
+    if args.no_repack:
+        without_extra_buffers()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     dense = args.dense or dense_source_of(args.model)
     rows = [check("dense", dense, args), check("pruned", args.model, args)]
