@@ -358,3 +358,35 @@ def test_answer_counts_match_the_labels_and_the_accuracy(tiny_lm: tuple[Any, Any
     assert sum(counts.picked) == counts.examples == len(labels)
     acc = evaluate_zero_shot(model, tokenizer, "boolq", batch_size=4, overrides=files)["boolq"]["acc"]
     assert counts.correct / counts.examples == pytest.approx(acc.value)
+
+
+def test_example_scores_average_to_the_headline_accuracy(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """Per-example scores are lm-eval's own: their mean is the task's headline metric (acc_norm for PIQA,
+    acc for BoolQ), one score per example, each 0 or 1."""
+    model, tokenizer = tiny_lm
+    # answers of very different lengths, so that acc_norm and acc disagree and the test sees which is used
+    piqa = [
+        {
+            "goal": f"open jar {i}",
+            "sol1": "twist",
+            "sol2": "eat the lid slowly with a small spoon " * (1 + i % 2),
+        }
+        for i in range(6)
+    ]
+    boolq = [
+        {"question": f"is it number {i}", "passage": f"A man is sitting on roof {i}.", "label": i % 3 == 0}
+        for i in range(7)
+    ]
+    (tmp_path / "piqa-labels.lst").write_text("0\n0\n0\n0\n0\n1\n")
+    files = {
+        "piqa": _write_jsonl(tmp_path / "piqa.jsonl", piqa),
+        "boolq": _write_jsonl(tmp_path / "boolq.jsonl", boolq),
+    }
+    scores = zs.example_scores(model, tokenizer, ["piqa", "boolq"], batch_size=4, overrides=files)
+    results = evaluate_zero_shot(model, tokenizer, ["piqa", "boolq"], batch_size=4, overrides=files)
+    assert results["piqa"]["acc"].value != results["piqa"]["acc_norm"].value
+    assert sorted(scores["piqa"]) == list(range(6)) and sorted(scores["boolq"]) == list(range(7))
+    for task, metric in (("piqa", "acc_norm"), ("boolq", "acc")):
+        values = list(scores[task].values())
+        assert set(values) <= {0.0, 1.0}
+        assert sum(values) / len(values) == pytest.approx(results[task][metric].value)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import DATA_DIR_ENV, expected_data_dir, offline_variable, shared_data_dir
 from ..errors import UsageError
-from .results import Metric
+from .results import Metric, headline_metric
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -370,3 +370,36 @@ def answer_counts(
     # name positions by their text when every example offers the same choices (yes/no), else by number
     choices = texts.pop() if len(texts) == 1 else tuple(str(i + 1) for i in range(width))
     return AnswerCounts(next(iter(lm_names.values())), choices, tuple(picked), tuple(gold), correct)
+
+
+def example_scores(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    data_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, str | os.PathLike] | None = None,
+    device: str | None = "cpu",
+) -> dict[str, dict[int, float]]:
+    """Each example's headline score (acc_norm where the task has it, else acc: 0 or 1) by document id,
+    per task. Two models scored on the same examples can then be compared pairwise, whose standard
+    error is far smaller than that of two independent accuracies."""
+    raw, lm_names = _simple_evaluate(
+        model,
+        tokenizer,
+        tasks,
+        limit=limit,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        overrides=overrides,
+        device=device,
+        log_samples=True,
+    )
+    scores = {}
+    for lm_name, name in lm_names.items():
+        samples = raw["samples"][lm_name]
+        metric = headline_metric({key: samples[0].get(key) for key in ("acc_norm", "acc")})
+        scores[name] = {int(s["doc_id"]): float(s[metric]) for s in samples}
+    return scores
