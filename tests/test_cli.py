@@ -296,3 +296,52 @@ def test_extract_errors(tiny_model_dir, tmp_path, capsys):
     assert "plan file not found" in capsys.readouterr().err
     assert not out.exists()
     assert main(["inspect", "--model", str(tmp_path / "nowhere")]) == 2
+
+
+def test_extract_recomputes_the_activation_order_a_reference_plan_lacks(
+    tiny_model_dir, calibration_txt, tmp_path, capsys
+):
+    """An activation-ordered search's reference-format plan (which has no order) extracted with
+    --activation-order and the search's calibration flags is the run's own model; with L1 order it is not."""
+    run = tmp_path / "run"
+    assert (
+        main(
+            prune_args(
+                tiny_model_dir, run, calibration_txt, "--channel-importance", "activations", by_tokens=True
+            )
+        )
+        == 0
+    )
+    stored = json.loads((run / "plan.json").read_text())
+    assert stored["channel_order"] and any(w < 96 for w in stored["mlp_width"])  # a narrowed MLP to get right
+    calibration = [
+        "--calibration_dataset",
+        str(calibration_txt),
+        "--block-tokens",
+        "64",
+        "--width-tokens",
+        "32",
+    ]
+    calibration += ["--seqlen", "16"]
+    reference = run / "pruning_config.json"
+    outputs = {
+        "run": extract_args(tiny_model_dir, run / "plan.json", tmp_path / "a"),
+        "recomputed": extract_args(
+            tiny_model_dir, reference, tmp_path / "b", "--weight-reorder", "--activation-order", *calibration
+        ),
+        "l1": extract_args(tiny_model_dir, reference, tmp_path / "c", "--weight-reorder"),
+    }
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    logits = {}
+    for name, args in outputs.items():
+        assert main(args) == 0
+        model = AutoModelForCausalLM.from_pretrained(args[args.index("--output") + 1], trust_remote_code=True)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    torch.testing.assert_close(logits["recomputed"], logits["run"], rtol=0, atol=1e-6)
+    assert not torch.allclose(logits["l1"], logits["run"], atol=1e-3)
+    saved = json.loads((tmp_path / "b" / "multipruner_plan.json").read_text())
+    assert saved["channel_order"] == stored["channel_order"]  # the saved model records the order it used
+    capsys.readouterr()
+    assert main(extract_args(tiny_model_dir, run / "plan.json", tmp_path / "d", "--activation-order")) == 2
+    assert "stores its channel order" in capsys.readouterr().err

@@ -150,9 +150,34 @@ def _add_plan_flags(p) -> None:
         help="reorder before slicing (reference-format plans need it if they were searched with it; "
         "our plans record it)",
     )
+    p.add_argument(
+        "--activation-order",
+        action="store_true",
+        help="order the channels by their activations on the calibration sets, as a search with "
+        "--channel-importance activations did, for a plan that does not store that order (the reference "
+        "format, docs/quality.json); give the search's calibration flags (the defaults give the defaults' order)",
+    )
+
+
+def _with_activation_order(args, model, tokenizer, plan):
+    """The plan with its channel order recomputed from the calibration flags, when --activation-order asks."""
+    from .calibration import CalibrationSettings
+    from .reorder import calibration_channel_order
+
+    if not args.activation_order:
+        return plan
+    if plan.channel_order is not None:
+        raise CliError(f"{args.plan} stores its channel order; leave out --activation-order")
+    if not plan.weight_reorder:
+        raise CliError("--activation-order reorders channels; it cannot go with --no-weight-reorder")
+    calibration = settings_from_args(CalibrationSettings, args)
+    calibration.validate()
+    order = calibration_channel_order(model, calibration.build(tokenizer), calibration.batch_size)
+    return replace(plan, channel_order=order)
 
 
 def add_extract(sub) -> None:
+    from .calibration import CalibrationSettings
     from .models import ModelSettings
 
     p = sub.add_parser(
@@ -163,6 +188,7 @@ def add_extract(sub) -> None:
     p.add_argument("--output", "--output_path", dest="output", required=True)
     _add_plan_flags(p)
     p.add_argument("--overwrite", action="store_true")
+    add_settings(p, CalibrationSettings, title="calibration text (only read with --activation-order)")
     p.set_defaults(func=cmd_extract)
 
 
@@ -186,6 +212,7 @@ def cmd_extract(args) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args)
+    plan = _with_activation_order(args, model, tokenizer, plan)
     pruned = extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan)
     save_pruned(pruned, tokenizer, args.output, plan, layout, overwrite=args.overwrite)
     print(format_layer_table(pruned))
@@ -229,6 +256,7 @@ def cmd_compensate(args) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args)
+    plan = _with_activation_order(args, model, tokenizer, plan)
     prunable = prepare_dense(model, plan.weight_reorder, plan.channel_order)
     tokens = settings.calibration_tokens(calibration, None, tokenizer)
     pruned = extract(prunable, plan)

@@ -31,7 +31,7 @@ from .layout import ModelLayout, layout_of
 from .models import ModelSettings, describe_source
 from .plan import PruningPlan
 from .recover import RecoverSettings, recover
-from .reorder import ChannelOrder, activation_channel_order
+from .reorder import ChannelOrder, calibration_channel_order
 from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
 from .scoring import CalibrationScorer, LossSettings, ignored_label
 from .search import SearchConfigError, SearchSettings, StepRecord, run_search
@@ -155,14 +155,13 @@ class RunContext:
         """Order the channels by their activations on both calibration sets, unless already ordered."""
         if self.search.orders_by_activations and self.prunable.channel_order is None:
             started = time.perf_counter()
-            tokens = torch.cat([calibration["block"], calibration["width"]])
-            order = activation_channel_order(
-                self.model, tokens, self.job.calibration.batch_size, self.prunable.adapter
+            order = calibration_channel_order(
+                self.model, calibration, self.job.calibration.batch_size, self.prunable.adapter
             )
             self.prunable.order_channels(order)
             log.info(
                 "channels ordered by activations on %d tokens (%.1fs)",
-                tokens.numel(),
+                sum(t.numel() for t in calibration.values()),
                 time.perf_counter() - started,
             )
 

@@ -218,3 +218,14 @@ def activation_channel_order(
         mlp_orders.append(descending(channel_scores(mlp_out)))
         attention_orders.append(descending(channel_scores(o_proj).view(heads.num_units, -1).sum(dim=1)))
     return ChannelOrder("activations", tuple(mlp_orders), tuple(attention_orders))
+
+
+def calibration_channel_order(
+    model: nn.Module,
+    sets: dict[str, torch.Tensor],
+    batch_size: int = 1,
+    adapter: ArchitectureAdapter | None = None,
+) -> ChannelOrder:
+    """The order a search with ``--channel-importance activations`` uses: both calibration sets, the block
+    set's sequences first. The same sets give the same order, so a plan can be replayed without it."""
+    return activation_channel_order(model, torch.cat([sets["block"], sets["width"]]), batch_size, adapter)
