@@ -314,15 +314,8 @@ def test_extract_recomputes_the_activation_order_a_reference_plan_lacks(
     )
     stored = json.loads((run / "plan.json").read_text())
     assert stored["channel_order"] and any(w < 96 for w in stored["mlp_width"])  # a narrowed MLP to get right
-    calibration = [
-        "--calibration_dataset",
-        str(calibration_txt),
-        "--block-tokens",
-        "64",
-        "--width-tokens",
-        "32",
-    ]
-    calibration += ["--seqlen", "16"]
+    calibration = ["--calibration_dataset", str(calibration_txt), "--seqlen", "16"]
+    calibration += ["--block-tokens", "64", "--width-tokens", "32"]
     reference = run / "pruning_config.json"
     outputs = {
         "run": extract_args(tiny_model_dir, run / "plan.json", tmp_path / "a"),
@@ -344,4 +337,9 @@ def test_extract_recomputes_the_activation_order_a_reference_plan_lacks(
     assert saved["channel_order"] == stored["channel_order"]  # the saved model records the order it used
     capsys.readouterr()
     assert main(extract_args(tiny_model_dir, run / "plan.json", tmp_path / "d", "--activation-order")) == 2
+    assert "stores its channel order" in capsys.readouterr().err
+    # checked before any model loads: a model that does not exist is not reached
+    assert (
+        main(extract_args(tmp_path / "nowhere", run / "plan.json", tmp_path / "d", "--activation-order")) == 2
+    )
     assert "stores its channel order" in capsys.readouterr().err

@@ -159,21 +159,21 @@ def _add_plan_flags(p) -> None:
     )
 
 
-def _with_activation_order(args, model, tokenizer, plan):
-    """The plan with its channel order recomputed from the calibration flags, when --activation-order asks."""
+def _activation_order_calibration(args, plan_data: dict):
+    """The calibration sets' settings --activation-order recomputes the order on, checked before any
+    model loads: the plan must not store an order already, and must be one whose channels are reordered."""
     from .calibration import CalibrationSettings
-    from .reorder import calibration_channel_order
 
-    if not args.activation_order:
-        return plan
-    if plan.channel_order is not None:
+    if plan_data.get("channel_order"):
         raise CliError(f"{args.plan} stores its channel order; leave out --activation-order")
-    if not plan.weight_reorder:
+    reorder = (
+        args.weight_reorder if args.weight_reorder is not None else plan_data.get("weight_reorder", True)
+    )
+    if not reorder:
         raise CliError("--activation-order reorders channels; it cannot go with --no-weight-reorder")
     calibration = settings_from_args(CalibrationSettings, args)
     calibration.validate()
-    order = calibration_channel_order(model, calibration.build(tokenizer), calibration.batch_size)
-    return replace(plan, channel_order=order)
+    return calibration
 
 
 def add_extract(sub) -> None:
@@ -192,16 +192,23 @@ def add_extract(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
-def _load_dense_and_plan(args):
+def _load_dense_and_plan(args, activation_order: bool = False):
+    """The dense model and the plan; with ``activation_order``, the plan's channel order recomputed
+    from the calibration flags (for a plan searched that way that does not store its order)."""
     from .layout import layout_of
     from .models import ModelSettings, describe_source
     from .plan import check_plan_file, load_plan
+    from .reorder import calibration_channel_order
 
-    check_plan_file(args.plan)  # a missing, malformed or impossible plan fails before the model loads
+    data = check_plan_file(args.plan)  # a missing, malformed or impossible plan fails before the model loads
+    calibration = _activation_order_calibration(args, data) if activation_order else None
     model, tokenizer = settings_from_args(ModelSettings, args).load()
     layout = layout_of(model)
     plan = load_plan(args.plan, layout, weight_reorder=args.weight_reorder)
     plan = replace(plan, meta={**plan.meta, "source": describe_source(args.model)})
+    if calibration is not None:
+        order = calibration_channel_order(model, calibration.build(tokenizer), calibration.batch_size)
+        plan = replace(plan, channel_order=order)
     return model, tokenizer, layout, plan
 
 
@@ -211,8 +218,7 @@ def cmd_extract(args) -> None:
 
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
-    model, tokenizer, layout, plan = _load_dense_and_plan(args)
-    plan = _with_activation_order(args, model, tokenizer, plan)
+    model, tokenizer, layout, plan = _load_dense_and_plan(args, args.activation_order)
     pruned = extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan)
     save_pruned(pruned, tokenizer, args.output, plan, layout, overwrite=args.overwrite)
     print(format_layer_table(pruned))
@@ -255,8 +261,7 @@ def cmd_compensate(args) -> None:
     calibration.validate()
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
-    model, tokenizer, layout, plan = _load_dense_and_plan(args)
-    plan = _with_activation_order(args, model, tokenizer, plan)
+    model, tokenizer, layout, plan = _load_dense_and_plan(args, args.activation_order)
     prunable = prepare_dense(model, plan.weight_reorder, plan.channel_order)
     tokens = settings.calibration_tokens(calibration, None, tokenizer)
     pruned = extract(prunable, plan)
