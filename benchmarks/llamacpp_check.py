@@ -140,19 +140,19 @@ def check(name: str, spec: str, args) -> dict:
     return row
 
 
-def without_extra_buffers() -> None:
-    """Load every later model without llama.cpp's extra CPU buffer types (AMX, repacked weights), as
-    llama.cpp's own ``--no-repack`` does: on CPUs with AMX, llama-cpp-python 0.3.36 segfaults in decode
-    on quantized files otherwise (README). Speeds then measure the plain CPU kernels."""
-    bindings = llama_cpp.llama.llama_cpp
-    defaults = bindings.llama_model_default_params
+def without_extra_buffers(defaults):
+    """``defaults`` (llama-cpp-python's ``llama_model_default_params``) with llama.cpp's extra CPU buffer
+    types (AMX, repacked weights) turned off, as llama.cpp's own ``--no-repack`` does: on CPUs with AMX,
+    llama-cpp-python 0.3.36 segfaults in decode on quantized files otherwise (README). The export tests
+    load models this way too."""
 
     def params():
         loaded = defaults()
-        loaded.use_extra_bufts = False
+        if hasattr(loaded, "use_extra_bufts"):  # older bindings have no such field
+            loaded.use_extra_bufts = False
         return loaded
 
-    bindings.llama_model_default_params = params
+    return params
 
 
 def main() -> None:
@@ -173,8 +173,9 @@ def main() -> None:
         help="plain CPU weight buffers (needed where AMX makes llama.cpp crash on quantized files)",
     )
     args = parser.parse_args()
-    if args.no_repack:
-        without_extra_buffers()
+    if args.no_repack:  # every later model loads with plain CPU buffers; speeds measure those kernels
+        bindings = llama_cpp.llama.llama_cpp
+        bindings.llama_model_default_params = without_extra_buffers(bindings.llama_model_default_params)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     dense = args.dense or dense_source_of(args.model)
     rows = [check("dense", dense, args), check("pruned", args.model, args)]

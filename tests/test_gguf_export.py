@@ -3,7 +3,10 @@ architecture handles specially is exported from a tiny model and its logits comp
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,14 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed; install with: pip install llama-cpp-python"
 )
 
+# the --no-repack switch of benchmarks/llamacpp_check.py, the one place that knows how to turn it off
+_spec = importlib.util.spec_from_file_location(
+    "llamacpp_check_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_check.py"
+)
+_llamacpp_check = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _llamacpp_check
+_spec.loader.exec_module(_llamacpp_check)
+
 SEQ = 24
 
 
@@ -27,14 +38,8 @@ def _plain_cpu_weights(monkeypatch):
     they crash llama.cpp (a segfault in decode) on this file's tiny q8_0 tensors, whatever the export
     wrote; the plain CPU path computes the same logits, and those are what these tests compare."""
     defaults = llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        if hasattr(params, "use_extra_bufts"):
-            params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", without_extra_buffers)
+    plain = _llamacpp_check.without_extra_buffers(defaults)
+    monkeypatch.setattr(llama_cpp.llama.llama_cpp, "llama_model_default_params", plain)
 
 
 def _tiny(name: str, tokenizer):
