@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from multipruner.calibration import SetSize, build_calibration_sets
+from multipruner.search.calibration import SetSize, build_calibration_sets
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.export import prepare_dense
+from multipruner.core.surgery import PrunableModel
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
-from multipruner.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search import SearchSettings, run_search
+from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
+from multipruner.search.loop import SearchSettings, run_search
 
 log = logging.getLogger("calibration_study")
 
@@ -52,7 +52,7 @@ def run_config(spec: str, args) -> dict:
     name, source, block, width, seqlen, race = spec.split(":")
     model, tokenizer = load_model(args.model)
     torch.manual_seed(0)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     layout = prunable.layout
     sets = build_calibration_sets(
         source, tokenizer, block=parse_size(block), width=parse_size(width), seqlen=int(seqlen), seed=42

@@ -11,12 +11,12 @@ import sys
 
 import torch
 
-from multipruner import PruningPlan, extract, load_model, prepare_dense
-from multipruner.calibration import CalibrationSettings
+from multipruner import PrunableModel, PruningPlan, extract, load_model
+from multipruner.search.calibration import CalibrationSettings
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.reorder import activation_channel_order
-from multipruner.scoring import ignored_label
+from multipruner.core.reorder import activation_channel_order
+from multipruner.search.scoring import ignored_label
 
 L1_PLAN = {
     "pruned_attn_idx": [6, 7, 9, 17, 22, 26, 29],
@@ -57,6 +57,6 @@ sets = CalibrationSettings().build(tokenizer)
 order = activation_channel_order(model, torch.cat([sets["block"], sets["width"]]), batch_size=2)
 for name, channel_order in (("l1", None), ("activations", order)):
     dense = load_model("smollm2-135m")[0]
-    prunable = prepare_dense(dense, True, channel_order)
+    prunable = PrunableModel.prepare(dense, True, channel_order)
     plan = PruningPlan.from_reference(L1_PLAN, prunable.layout)
     print(name, held_out(extract(prunable, plan), tokenizer), flush=True)

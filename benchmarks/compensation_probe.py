@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from multipruner import PruningPlan, extract, load_model, prepare_dense
-from multipruner.calibration import CalibrationSettings
-from multipruner.compensate import CompensateSettings, compensate
+from multipruner import PrunableModel, PruningPlan, extract, load_model
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.repair.compensate import CompensateSettings, compensate
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.scoring import ignored_label
+from multipruner.search.scoring import ignored_label
 
 ref = {
     "pruned_attn_idx": [5, 7, 17, 26, 29],
@@ -36,7 +36,7 @@ ref = {
     },
 }
 model, tok = load_model("smollm2-135m")
-prunable = prepare_dense(model, True)
+prunable = PrunableModel.prepare(model, True)
 plan = PruningPlan.from_reference(ref, prunable.layout)
 W = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 

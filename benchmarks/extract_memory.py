@@ -30,9 +30,9 @@ import psutil
 import torch
 from torch import nn
 
-from multipruner import PrunableModel, PruningPlan, load_model, load_plan, prepare_dense
+from multipruner import PrunableModel, PruningPlan, load_model, load_plan
 from multipruner import extract as new_extract
-from multipruner.export import pruned_config
+from multipruner.core.extract import pruned_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("smollm2", "llama1b")
@@ -43,7 +43,7 @@ MB = 2**20
 # --- the pre-change implementation, kept only for this comparison ----------------------------------
 @torch.no_grad()
 def old_extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
-    """PRE-CHANGE implementation of ``multipruner.export.extract`` (for comparison only): random
+    """PRE-CHANGE implementation of ``multipruner.core.checkpoint.extract`` (for comparison only): random
     initialisation of the pruned model, a full clone of the masked state dict, then one device."""
     plan.validate(prunable.layout)
     config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
@@ -62,7 +62,7 @@ EXTRACT = {"old": old_extract, "new": new_extract}
 # --- dense models and plans -------------------------------------------------------------------------
 def smollm2() -> tuple[PrunableModel, PruningPlan]:
     model, _ = load_model("smollm2-135m")
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     return prunable, load_plan(ROOT / "examples" / "smollm2-hand-plan.json", prunable.layout, True)
 
 
@@ -96,7 +96,7 @@ def random_llama_1b() -> nn.Module:
 
 
 def llama1b() -> tuple[PrunableModel, PruningPlan]:
-    prunable = prepare_dense(random_llama_1b(), weight_reorder=False)
+    prunable = PrunableModel.prepare(random_llama_1b(), weight_reorder=False)
     layout = prunable.layout
     unit = layout.heads.unit_channels  # (heads / kv heads) * head_dim query channels
     plan = PruningPlan.dense(layout)

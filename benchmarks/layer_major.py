@@ -16,12 +16,12 @@ from dataclasses import replace
 
 import torch
 
-from multipruner.calibration import CalibrationSettings
+from multipruner.search.calibration import CalibrationSettings
 from multipruner.models import load_model, resolve_device
-from multipruner.reorder import reorder_weights
-from multipruner.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search import SearchSettings, block_candidates, initial_plan, width_candidates
-from multipruner.surgery import PrunableModel
+from multipruner.core.reorder import reorder_weights
+from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
+from multipruner.search.loop import SearchSettings, block_candidates, initial_plan, width_candidates
+from multipruner.core.surgery import PrunableModel
 
 
 def main() -> None:

@@ -25,15 +25,16 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from multipruner.calibration import CalibrationSettings
+from multipruner.search.calibration import CalibrationSettings
 from multipruner.evaluation.results import EvalResult
 from multipruner.evaluation.runner import EvalSettings, evaluate
-from multipruner.export import extract, prepare_dense
+from multipruner.core.extract import extract
+from multipruner.core.surgery import PrunableModel
 from multipruner.io_utils import atomic_write_bytes, atomic_write_text
 from multipruner.models import ModelSettings
-from multipruner.pipeline import PruneJob, RunOptions, prune
-from multipruner.run_dir import RunDirectory
-from multipruner.search import SearchSettings
+from multipruner.run.pipeline import PruneJob, RunOptions, prune
+from multipruner.run.run_dir import RunDirectory
+from multipruner.search.loop import SearchSettings
 from multipruner.tables import render_table
 
 log = logging.getLogger("quality")
@@ -120,7 +121,7 @@ def run_cell(args, model: str, method: str, ratio: float) -> dict:
     plan, layout = run.plan()
     steps = run.step_records()
     model_obj, tokenizer = ModelSettings(model=model, device="cpu").load()
-    pruned = extract(prepare_dense(model_obj, plan.weight_reorder, plan.channel_order), plan)
+    pruned = extract(PrunableModel.from_plan(model_obj, plan), plan)
     result = evaluate(
         pruned, tokenizer, eval_settings(args), name=str(run_dir), dense_params=layout.dense_params()
     )
@@ -152,7 +153,7 @@ def eval_flags(args) -> str:
 
 def run_derived(args, model: str, ratio: float, method: str) -> dict:
     """A model a reused multipruner run saved after its search (``model-compensated/``, ``model-recovered/``)."""
-    from multipruner.export import load_pruned
+    from multipruner.core.checkpoint import load_pruned
 
     reused = dict(item.split("=", 1) for item in args.reuse)
     base = method.split("+", 1)[0]

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from multipruner.calibration import draw_tokens
+from multipruner.search.calibration import draw_tokens
 from multipruner.data import eval_token_stream
-from multipruner.export import prepare_dense
+from multipruner.core.surgery import PrunableModel
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
-from multipruner.plan import PruningPlan
-from multipruner.racing import RaceSettings
-from multipruner.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search import SearchSettings, block_candidates, initial_plan, width_candidates
+from multipruner.core.plan import PruningPlan
+from multipruner.search.racing import RaceSettings
+from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
+from multipruner.search.loop import SearchSettings, block_candidates, initial_plan, width_candidates
 
 log = logging.getLogger("ranking_study")
 
@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     model, tokenizer = load_model(args.model)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     layout = prunable.layout
     settings = SearchSettings().resolved(layout)  # the model's group sizes (SmolLM2: 128 channels, 3 heads)
     dense = initial_plan(layout, settings)

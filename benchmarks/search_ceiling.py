@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from multipruner.run_dir import RunDirectory
+from multipruner.run.run_dir import RunDirectory
 
 
 def head_in_layers(layout, untied: bool) -> float:

@@ -33,18 +33,18 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from multipruner.calibration import CalibrationSettings
-from multipruner.export import prepare_dense
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.core.surgery import PrunableModel
 from multipruner.models import load_model, resolve_dtype
-from multipruner.run_dir import RunDirectory
-from multipruner.scoring import (
+from multipruner.run.run_dir import RunDirectory
+from multipruner.search.scoring import (
     CalibrationScorer,
     LossSettings,
     StepScores,
     full_forward_perplexity,
     ignored_label,
 )
-from multipruner.search import SearchSettings, StepRecord, block_candidates, initial_plan, run_search
+from multipruner.search.loop import SearchSettings, StepRecord, block_candidates, initial_plan, run_search
 
 # random-weight shapes for timing where the real checkpoint is out of reach (llama-tiny: a dry run)
 RANDOM_SHAPES = {
@@ -157,7 +157,7 @@ def main() -> None:
         return whole_run(args)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     tokens = CalibrationSettings(seqlen=args.seqlen, block_tokens=args.sequences * args.seqlen).build(
         tokenizer
     )["block"]
@@ -272,7 +272,7 @@ def whole_run(args) -> None:
         done = [StepRecord.from_dict(r) for r in run.step_records() if r["step"] >= 0][: int(k)]
         # its later steps only mean something with its channel order (by activations, or L1 if none)
         order = run.plan()[0].channel_order
-    prunable = prepare_dense(model, weight_reorder=True, channel_order=order)
+    prunable = PrunableModel.prepare(model, weight_reorder=True, channel_order=order)
     sizes = (
         {}
         if args.whole_run_tokens is None

@@ -12,9 +12,9 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from multipruner import load_model, prepare_dense
-from multipruner.layout import layout_of
-from multipruner.plan import load_plan
+from multipruner import PrunableModel, load_model
+from multipruner.core.layout import layout_of
+from multipruner.core.plan import load_plan
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", required=True, help="the dense model the run pruned")
@@ -23,7 +23,7 @@ args = parser.parse_args()
 
 dense, tokenizer = load_model(args.model)
 plan = load_plan(f"{args.run}/plan.json", layout_of(dense))
-prunable = prepare_dense(dense, plan.weight_reorder, plan.channel_order)
+prunable = PrunableModel.from_plan(dense, plan)
 ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]
 with torch.no_grad(), prunable.trial(plan):
     masked = dense(ids).logits

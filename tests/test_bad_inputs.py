@@ -17,7 +17,7 @@ import torch
 from conftest import prune_args, save_tiny_llama, write_calibration_txt
 
 from multipruner.cli import main
-from multipruner.run_dir import RunDirectory
+from multipruner.run.run_dir import RunDirectory
 
 
 @dataclass

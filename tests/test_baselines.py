@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import extract_args, prune_args
 
-from multipruner import prepare_dense
+from multipruner import PrunableModel
 from multipruner.cli import main
-from multipruner.search import SearchSettings
-from multipruner.shortgpt import block_influence, run_shortgpt
+from multipruner.search.loop import SearchSettings
+from multipruner.search.shortgpt import block_influence, run_shortgpt
 
 
 def _hand_block_influence(model, tokens) -> list[float]:
@@ -43,7 +43,7 @@ def test_block_influence_matches_a_hand_calculation(tiny_llama):
     tokens = torch.randint(
         0, tiny_llama.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0)
     )
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     got = block_influence(prunable, tokens, batch_size=3)  # uneven batches: a mean over tokens, not batches
     assert got == pytest.approx(_hand_block_influence(tiny_llama, tokens), rel=1e-6, abs=1e-9)
     assert len(set(got)) == len(got)  # distinct, so the order below is meaningful
@@ -53,7 +53,7 @@ def test_shortgpt_removes_whole_layers_lowest_influence_first(tiny_llama):
     tokens = torch.randint(
         0, tiny_llama.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0)
     )
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     influence = block_influence(prunable, tokens, batch_size=2)
     settings = SearchSettings(method="shortgpt", target_ratio=30.0).resolved(prunable.layout)
     records = []

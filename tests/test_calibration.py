@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer
 
-from multipruner.calibration import (
+from multipruner.search.calibration import (
     CalibrationSettings,
     SetSize,
     build_calibration_sets,

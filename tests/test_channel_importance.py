@@ -13,9 +13,9 @@ from conftest import TINY_MODELS, _randomize, extract_args, prune_args, rel_err
 from test_cli import _run_cli
 from test_surgery import random_plan
 
-from multipruner import PruningPlan, extract, prepare_dense
+from multipruner import PrunableModel, PruningPlan, extract
 from multipruner.cli import main
-from multipruner.reorder import ChannelOrder, ChannelOrderError, activation_channel_order
+from multipruner.core.reorder import ChannelOrder, ChannelOrderError, activation_channel_order
 
 
 def _fresh(name: str):
@@ -26,7 +26,7 @@ def _fresh(name: str):
 def _contributions(model, tokens):
     """Brute force: per layer, the norm over all tokens of each MLP channel's and attention unit's
     share of the branch output, from the captured projection inputs."""
-    from multipruner.adapters import adapter_for
+    from multipruner.core.adapters import adapter_for
 
     adapter = adapter_for(model)
     heads = adapter.head_layout(model)
@@ -73,7 +73,7 @@ def test_activation_order_keeps_outputs_and_puts_the_largest_contributions_first
         assert (
             list(units) == torch.sort(expected["attention", i], descending=True, stable=True).indices.tolist()
         )
-    prunable = prepare_dense(model, True, order)
+    prunable = PrunableModel.prepare(model, True, order)
     assert prunable.channel_order is order
     assert rel_err(model(token_ids).logits, before) < 1e-5
     # after the permutation, the contributions come out sorted
@@ -86,7 +86,7 @@ def test_activation_order_keeps_outputs_and_puts_the_largest_contributions_first
 def test_a_plan_with_its_order_extracts_the_same_model_from_a_fresh_dense_copy(name, token_ids, tmp_path):
     model = _fresh(name)
     order = activation_channel_order(model, token_ids)
-    prunable = prepare_dense(model, True, order)
+    prunable = PrunableModel.prepare(model, True, order)
     import random
 
     plan = PruningPlan(**{**random_plan(prunable.layout, random.Random(3)).__dict__, "channel_order": order})
@@ -95,10 +95,10 @@ def test_a_plan_with_its_order_extracts_the_same_model_from_a_fresh_dense_copy(n
     plan.save(tmp_path / "plan.json", prunable.layout)
     stored = PruningPlan.from_dict(json.loads((tmp_path / "plan.json").read_text()))
     assert stored.channel_order == order
-    replayed = extract(prepare_dense(_fresh(name), stored.weight_reorder, stored.channel_order), stored)
+    replayed = extract(PrunableModel.prepare(_fresh(name), stored.weight_reorder, stored.channel_order), stored)
     assert rel_err(replayed(token_ids).logits, masked) < 1e-5
     # the L1 order would keep other channels: the order really is replayed, not recomputed
-    l1 = extract(prepare_dense(_fresh(name), True), stored)
+    l1 = extract(PrunableModel.prepare(_fresh(name), True), stored)
     assert rel_err(l1(token_ids).logits, masked) > 1e-3
 
 
@@ -107,7 +107,7 @@ def test_an_order_for_another_model_is_refused(token_ids):
     order = activation_channel_order(model, token_ids)
     short = ChannelOrder(order.importance, tuple(o[:-1] for o in order.mlp), order.attention)
     with pytest.raises(ChannelOrderError, match="not a permutation"):
-        prepare_dense(_fresh("llama_gqa"), True, short)
+        PrunableModel.prepare(_fresh("llama_gqa"), True, short)
     with pytest.raises(ChannelOrderError, match="malformed"):
         ChannelOrder.from_dict({"importance": "activations", "mlp": 3})
 

@@ -14,7 +14,7 @@ from conftest import extract_args, prune_args
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from multipruner.cli import main
-from multipruner.plan import PruningPlan
+from multipruner.core.plan import PruningPlan
 
 
 def _manifest(run):

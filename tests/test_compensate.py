@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import extract_args, rel_err
 
-from multipruner import PruningPlan, extract, prepare_dense, save_pruned
-from multipruner.compensate import (
+from multipruner import PrunableModel, PruningPlan, extract, save_pruned
+from multipruner.repair.compensate import (
     CompensateSettings,
     CompensationError,
     compensate,
     reconstruction_error,
     ridge_refit,
 )
-from multipruner.export import load_pruned
+from multipruner.core.checkpoint import load_pruned
 
 
 def _tokens(vocab: int, n: int = 6, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _narrow_plan(layout) -> PruningPlan:
 
 
 def test_a_plan_that_narrows_nothing_leaves_outputs_unchanged(tiny_model, token_ids):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)  # removes, narrows nothing
     pruned = extract(prunable, plan)
     before = pruned(token_ids).logits
@@ -69,7 +69,7 @@ def test_damping_pulls_towards_plain_pruning_and_never_makes_the_fit_worse():
 
 
 def test_compensation_lowers_every_narrowed_branch_error_to_the_optimum(tiny_model):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     plan = _narrow_plan(prunable.layout)
     pruned = extract(prunable, plan)
     tokens = _tokens(tiny_model.config.vocab_size, n=8)
@@ -81,7 +81,7 @@ def test_compensation_lowers_every_narrowed_branch_error_to_the_optimum(tiny_mod
 
 
 def test_compensated_layer_equals_direct_lstsq_on_the_same_activations(tiny_llama):
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     layout = prunable.layout
     plan = PruningPlan.dense(layout).with_width("mlp", 0, 24)  # layer 0 only: its inputs need no earlier fit
     pruned = extract(prunable, plan)
@@ -102,7 +102,7 @@ def test_compensated_layer_equals_direct_lstsq_on_the_same_activations(tiny_llam
 
 
 def test_compensated_model_saves_and_reloads_identically(tiny_model, token_ids, tmp_path):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     dense_logits = tiny_model(token_ids).logits
     plan = _narrow_plan(prunable.layout)
     pruned = extract(prunable, plan)
@@ -116,7 +116,7 @@ def test_compensated_model_saves_and_reloads_identically(tiny_model, token_ids, 
 
 
 def test_bad_inputs_fail_clearly(tiny_llama):
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     plan = PruningPlan.dense(prunable.layout).with_width("mlp", 0, 48)
     pruned = extract(prunable, plan)
     with pytest.raises(CompensationError, match="damping must be 0 or more"):
@@ -175,7 +175,7 @@ def test_prune_compensate_and_the_compensate_command(tiny_model_dir, calibration
 def test_fold_for_a_removed_block_equals_direct_lstsq_on_dense_activations(tiny_llama):
     """Layer 1's attention removed: layer 0's down_proj absorbs T = lstsq(M0, Y - R0); nothing earlier changed,
     so the pruned model's layer-0 activations are the dense ones."""
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)
     pruned = extract(prunable, plan)
     tokens = _tokens(tiny_llama.config.vocab_size, n=8)
@@ -207,7 +207,7 @@ def test_fold_for_a_removed_block_equals_direct_lstsq_on_dense_activations(tiny_
 def test_folding_spans_and_reload(tiny_llama, token_ids, tmp_path):
     """Consecutive removed branches (mlp 2, then all of layer 3) are one span after the attention before them;
     the saved model keeps its shapes and reloads."""
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     plan = _narrow_plan(prunable.layout).without_block("attention", 3).without_block("mlp", 3)
     pruned = extract(prunable, plan)
     shapes = {n: p.shape for n, p in pruned.named_parameters()}
@@ -225,7 +225,7 @@ def test_folding_spans_and_reload(tiny_llama, token_ids, tmp_path):
 
 
 def test_folding_is_refused_where_branch_outputs_are_normalised(tiny_model):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     plan = PruningPlan.dense(prunable.layout).without_block("attention", 1)
     pruned = extract(prunable, plan)
     settings = CompensateSettings(blocks=True)

@@ -59,7 +59,7 @@ def test_more_processes_than_layers_is_refused_before_any_waiting(
 @pytest.mark.parametrize("rank", [0, 1])
 def test_every_process_sizes_the_head_bound_by_the_busiest_share(rank):
     """Whether a step bounds heads must not depend on the rank (the processes would stop agreeing)."""
-    from multipruner.distributed import Workers
+    from multipruner.search.distributed import Workers
 
     workers = Workers(rank=rank, size=2)
     layers = [0, 0, 2, 4, 1]  # process 0 owns four of these candidates, process 1 one

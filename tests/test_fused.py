@@ -12,7 +12,7 @@ from conftest import TINY_MODELS, _randomize, rel_err
 from test_surgery import random_plan
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from multipruner import extract, prepare_dense
+from multipruner import PrunableModel, extract
 
 
 def _as_llama(phi3) -> LlamaForCausalLM:
@@ -53,7 +53,7 @@ def test_fused_family_prunes_exactly_like_the_unfused_one(token_ids):
     phi3 = _randomize(TINY_MODELS["phi3_fused"]())
     llama = _as_llama(phi3)
     assert rel_err(llama(token_ids).logits, phi3(token_ids).logits) < 1e-5
-    fused, unfused = prepare_dense(phi3, weight_reorder=True), prepare_dense(llama, weight_reorder=True)
+    fused, unfused = PrunableModel.prepare(phi3, weight_reorder=True), PrunableModel.prepare(llama, weight_reorder=True)
     assert rel_err(llama(token_ids).logits, phi3(token_ids).logits) < 1e-5  # the same reordering
     for seed in range(4):
         plan = random_plan(fused.layout, random.Random(seed))
@@ -71,7 +71,7 @@ def test_every_phase_of_a_run_on_a_fused_model(tmp_path, calibration_txt, token_
     from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
     from multipruner.cli import main
-    from multipruner.inspect_model import describe_layers
+    from multipruner.core.inspect_model import describe_layers
 
     torch.manual_seed(0)
     tokenizer = byte_bpe_tokenizer()

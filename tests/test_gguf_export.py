@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import _TINY_SPECS, _randomize, byte_bpe_tokenizer
 
-from multipruner import PruningPlan, extract, prepare_dense, save_pruned
+from multipruner import PrunableModel, PruningPlan, extract, save_pruned
 from multipruner.cli import main
-from multipruner.gguf_export import ExportError, export_gguf
+from multipruner.export.gguf import ExportError, export_gguf
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed; install with: pip install llama-cpp-python"
@@ -97,7 +97,7 @@ def tokenizer():
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen2_mha_bias", "phi3_fused"])
 def test_llama_cpp_computes_what_transformers_computes(family, tokenizer, tmp_path):
     model = _tiny(family, tokenizer)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     ids = torch.randint(3, len(tokenizer), (1, SEQ), generator=torch.Generator().manual_seed(1))
     for name, plan in _plans(prunable.layout).items():
         pruned = extract(prunable, plan)
@@ -111,7 +111,7 @@ def test_llama_cpp_computes_what_transformers_computes(family, tokenizer, tmp_pa
 
 def test_f16_and_q8_0_stay_close(tokenizer, tmp_path):
     model = _tiny("llama_gqa", tokenizer)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     plan = _plans(prunable.layout)["uneven_heads_and_widths"]
     pruned = extract(prunable, plan)
     directory = save_pruned(pruned, tokenizer, tmp_path / "pruned", plan, prunable.layout)
@@ -132,7 +132,7 @@ def test_f16_and_q8_0_stay_close(tokenizer, tmp_path):
 
 def test_export_command_writes_a_file_llama_cpp_loads_and_refuses_to_overwrite(tokenizer, tmp_path, capsys):
     model = _tiny("llama_gqa", tokenizer)
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     plan = PruningPlan.dense(prunable.layout).without_block("attention", 0).without_block("mlp", 2)
     directory = save_pruned(extract(prunable, plan), tokenizer, tmp_path / "pruned", plan, prunable.layout)
     out = tmp_path / "pruned.gguf"

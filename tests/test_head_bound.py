@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multipruner import prepare_dense
-from multipruner.head_bound import HeadBound
+from multipruner import PrunableModel
+from multipruner.search.head_bound import HeadBound
 
 
 def _exact_token_nll(prunable, normed, ids):
@@ -18,7 +18,7 @@ def _exact_token_nll(prunable, normed, ids):
 
 
 def _check(model, ids, top_k):
-    prunable = prepare_dense(model, weight_reorder=False)
+    prunable = PrunableModel.prepare(model, weight_reorder=False)
     with torch.inference_mode():
         current = prunable.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
         bound = HeadBound.from_current(model, prunable.adapter, current, ids, top_k=top_k, chunk_tokens=16)

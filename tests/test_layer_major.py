@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 from test_search import _calibration, _settings
 
-from multipruner import prepare_dense
-from multipruner.scoring import CalibrationScorer, LossSettings
-from multipruner.search import run_search
+from multipruner import PrunableModel
+from multipruner.search.scoring import CalibrationScorer, LossSettings
+from multipruner.search.loop import run_search
 
 
 def _search(model, budget_mb: float, mode: str):
     """Every step's candidate perplexities and choice, with layer-major scoring at ``budget_mb``."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     tokens = _calibration(model.config.vocab_size, n=6)
     loss = LossSettings(ignore_index=5, batch_size=2, layer_major_budget_mb=budget_mb)
     scorers = {

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_MODELS
 
 from multipruner import PlanError, PruningPlan, layout_of, load_plan
-from multipruner.adapters import UnsupportedArchitectureError, adapter_for
+from multipruner.core.adapters import UnsupportedArchitectureError, adapter_for
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from multipruner.calibration import CalibrationSettings
-from multipruner.search import SearchSettings
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.loop import SearchSettings
 
 _spec = importlib.util.spec_from_file_location(
     "quality_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"

@@ -10,7 +10,7 @@ import torch
 from conftest import load_embedded_or_skip, rel_err
 from transformers import AutoModelForCausalLM
 
-from multipruner import PruningPlan, extract, layout_of, prepare_dense, save_pruned
+from multipruner import PrunableModel, PruningPlan, extract, layout_of, save_pruned
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _check_model(model, tokenizer, tmp_path):
     ).input_ids
     with torch.inference_mode():
         dense = model(ids).logits
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     with torch.inference_mode():
         assert rel_err(model(ids).logits, dense) < 1e-5
     plan = _random_valid_plan(prunable.layout, seed=0)

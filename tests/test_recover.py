@@ -13,8 +13,8 @@ import torch
 from conftest import extract_args, rel_err
 
 from multipruner.cli import main
-from multipruner.export import load_pruned
-from multipruner.recover import RecoverSettings, Recovery, RecoveryError, training_tokens
+from multipruner.core.checkpoint import load_pruned
+from multipruner.repair.recover import RecoverSettings, Recovery, RecoveryError, training_tokens
 
 
 @pytest.fixture

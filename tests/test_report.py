@@ -12,12 +12,12 @@ from PIL import Image
 
 from multipruner.evaluation.results import EvalMeta, EvalResult, Metric
 from multipruner.evaluation.speed import SpeedResult, compare_speed
-from multipruner.layout import ModelLayout
-from multipruner.plan import PruningPlan
+from multipruner.core.layout import ModelLayout
+from multipruner.core.plan import PruningPlan
 from multipruner.report import load_run, write_report
 from multipruner.report.figures import plot_comparison, plot_structure, plot_trajectory
-from multipruner.run_dir import DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
-from multipruner.search import Candidate, StepRecord
+from multipruner.run.run_dir import DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
+from multipruner.search.loop import Candidate, StepRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS, HEADS, HEAD_DIM, MLP = 8, 9, 64, 1536

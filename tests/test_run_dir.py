@@ -11,7 +11,7 @@ import pytest
 from conftest import prune_args
 
 from multipruner.cli import main
-from multipruner.run_dir import RunDirectory
+from multipruner.run.run_dir import RunDirectory
 
 
 def _mode(path) -> int:

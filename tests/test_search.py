@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from multipruner import PruningPlan, prepare_dense
-from multipruner.racing import RaceSettings, exact_survivors, paired_survivors
-from multipruner.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
-from multipruner.search import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
+from multipruner import PrunableModel, PruningPlan
+from multipruner.search.racing import RaceSettings, exact_survivors, paired_survivors
+from multipruner.search.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
+from multipruner.search.loop import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
 
 
 def _calibration(vocab: int, n: int = 4, seqlen: int = 24, seed: int = 3) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_every_step_matches_brute_force_when_the_head_bound_rules_candidates_out
 
 
 def test_whole_layer_candidates_match_brute_force_and_remove_both_blocks(tiny_llama):
-    dense = PruningPlan.dense(prepare_dense(tiny_llama, weight_reorder=False).layout)
+    dense = PruningPlan.dense(PrunableModel.prepare(tiny_llama, weight_reorder=False).layout)
     plan = Candidate("layer", "remove", 2).apply(dense)
     assert plan.removed_attention == plan.removed_mlp == {2}
     records = _search_equals_brute_force(
@@ -60,7 +60,7 @@ def test_whole_layer_candidates_match_brute_force_and_remove_both_blocks(tiny_ll
 def _search_equals_brute_force(model, make_settings, mode, head_bound_top_k: int = 16):
     """Run the search, then at each step brute force every candidate with a full forward from the step's
     base plan: the same perplexities, the same choice, and every eliminated candidate provably worse."""
-    prunable = prepare_dense(model, weight_reorder=True)
+    prunable = PrunableModel.prepare(model, weight_reorder=True)
     tokens = _calibration(model.config.vocab_size, n=6)
     loss = LossSettings(ignore_index=5, batch_size=2, head_bound_top_k=head_bound_top_k)
     scorers = {
@@ -94,7 +94,7 @@ def _search_equals_brute_force(model, make_settings, mode, head_bound_top_k: int
 
 
 def test_stage_targets_and_overshoot(tiny_llama):
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
     loss = LossSettings(batch_size=2)
     scorers = {
@@ -127,7 +127,7 @@ def test_stage_targets_and_overshoot(tiny_llama):
     ],
 )
 def test_bad_settings_fail_fast(tiny_llama, kw, message):
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     with pytest.raises(SearchConfigError, match=message):
         _settings(prunable, **kw).validate(prunable.layout)
 
@@ -147,7 +147,7 @@ def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llam
 
     name, width, group = published
     assert 0 < width % group < group and 0 < 96 % 40 < 40
-    prunable = prepare_dense(tiny_llama, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
     loss = LossSettings(batch_size=2)
     scorers = {kind: CalibrationScorer(prunable, tokens, loss) for kind in ("block", "width")}
@@ -168,8 +168,8 @@ def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llam
 
 def test_a_step_where_every_candidate_is_inf_or_nan_fails_clearly(tiny_llama, monkeypatch):
     """The reference then picks arbitrarily (and crashes later); we stop and say why."""
-    from multipruner.scoring import StepScores
-    from multipruner.search import SearchDivergedError
+    from multipruner.search.scoring import StepScores
+    from multipruner.search.loop import SearchDivergedError
 
     def diverged(self, plans, *args, **kwargs):
         n = len(plans)
@@ -177,7 +177,7 @@ def test_a_step_where_every_candidate_is_inf_or_nan_fails_clearly(tiny_llama, mo
         return StepScores(bad[:n], bad[:n], [2] * n, [torch.zeros(2)] * n, 0, n)
 
     assert StepScores([math.nan, 3.0, math.inf], [0.0] * 3, [1] * 3, [], 0, 3).best() == 1  # NaN never wins
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     tokens = _calibration(tiny_llama.config.vocab_size, n=2, seqlen=16)
     scorers = {
         kind: CalibrationScorer(prunable, tokens, LossSettings(batch_size=2)) for kind in ("block", "width")
@@ -192,7 +192,7 @@ def test_reference_ratio_accounting_keeps_removed_blocks_norms_and_stops_a_step_
     one more step (the 8.929 % / 100:0:0 case on SmolLM2, here on a tiny model with a hand count)."""
     from multipruner import PruningPlan
 
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     layout = prunable.layout
     plan = PruningPlan.dense(layout).without_block("attention", 1).without_block("mlp", 2)
     # Llama: one RMSNorm of hidden_size (64) weights per branch, outside the branch's module
@@ -225,12 +225,12 @@ def test_reference_ratio_accounting_keeps_removed_blocks_norms_and_stops_a_step_
 def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):
     import dataclasses
 
-    from multipruner.scoring import LossSettings
+    from multipruner.search.scoring import LossSettings
 
     tokens = _calibration(tiny_model.config.vocab_size, n=4, seqlen=16)
     runs = {}
     for budget in (0.0, 1e-4, 2048.0):  # off, every few layers (tight budget), everything
-        prunable = prepare_dense(tiny_model, weight_reorder=False)
+        prunable = PrunableModel.prepare(tiny_model, weight_reorder=False)
         loss = dataclasses.replace(LossSettings(batch_size=2), reuse_budget_mb=budget)
         scorers = {
             "block": CalibrationScorer(prunable, tokens, loss),
@@ -299,7 +299,7 @@ def _counting_sequences(vocab: int, n: int, seed: int | None, seqlen: int = 16) 
 
 def _block_step(model, head_bound_top_k: int = 16):
     """The plans of the first block step, with a scorer over 4 batches."""
-    prunable = prepare_dense(model, weight_reorder=False)
+    prunable = PrunableModel.prepare(model, weight_reorder=False)
     tokens = _counting_sequences(model.config.vocab_size, 8, seed=3)
     loss = LossSettings(batch_size=2, head_bound_top_k=head_bound_top_k)
     scorer = CalibrationScorer(prunable, tokens, loss)
@@ -347,7 +347,7 @@ def test_the_loss_leaves_out_the_eos_label_unless_its_id_is_0(eos, ignored, tiny
 
     assert ignored_label(SimpleNamespace(eos_token_id=eos)) == ignored
     ids = torch.tensor([[5, 0, 7, 0, 9, 2, 4, 0]])
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     settings = LossSettings(ignore_index=ignored, batch_size=1)
     scored = CalibrationScorer(prunable, ids, settings, "cpu").perplexity()
     assert scored == pytest.approx(full_forward_perplexity(tiny_llama, ids, settings), rel=1e-5)

@@ -9,11 +9,11 @@ import torch
 from conftest import rel_err
 from transformers import AutoModelForCausalLM
 
-from multipruner import PruningPlan, extract, prepare_dense, save_pruned
-from multipruner.export import load_pruned
-from multipruner.inspect_model import describe_layers
-from multipruner.layout import ModelLayout
-from multipruner.projections import projection_weight
+from multipruner import PrunableModel, PruningPlan, extract, save_pruned
+from multipruner.core.checkpoint import load_pruned
+from multipruner.core.inspect_model import describe_layers
+from multipruner.core.layout import ModelLayout
+from multipruner.core.projections import projection_weight
 
 
 def random_plan(layout: ModelLayout, rng: random.Random) -> PruningPlan:
@@ -31,7 +31,7 @@ def random_plan(layout: ModelLayout, rng: random.Random) -> PruningPlan:
 
 def test_reorder_keeps_outputs(tiny_model, token_ids):
     before = tiny_model(token_ids).logits
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     assert rel_err(tiny_model(token_ids).logits, before) < 1e-5
     # and it did permute something: the first MLP channel is now the most important one
     adapter = prunable.adapter
@@ -43,14 +43,14 @@ def test_reorder_keeps_outputs(tiny_model, token_ids):
 
 def test_empty_plan_is_identity(tiny_model, token_ids):
     before = tiny_model(token_ids).logits
-    prunable = prepare_dense(tiny_model, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=False)
     with prunable.trial(PruningPlan.dense(prunable.layout)):
         assert torch.equal(tiny_model(token_ids).logits, before)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_extracted_equals_masked_and_counts_match(tiny_model, token_ids, seed):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     dense_logits = tiny_model(token_ids).logits
     plan = random_plan(prunable.layout, random.Random(seed))
     plan.validate(prunable.layout)
@@ -73,7 +73,7 @@ def test_extracted_equals_masked_and_counts_match(tiny_model, token_ids, seed):
 
 
 def test_masking_holds_no_copies(tiny_llama):
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     plan = PruningPlan.dense(prunable.layout).with_width("mlp", 0, 32).with_width("attention", 1, 16)
     layers = prunable.adapter.layers(tiny_llama)
     full_ptr = layers[0].mlp.down_proj.weight.data_ptr()
@@ -88,7 +88,7 @@ def test_masking_holds_no_copies(tiny_llama):
 
 
 def test_save_reload_stock_transformers_and_generate(tiny_model, token_ids, tmp_path):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     layout = prunable.layout
     plan = PruningPlan.dense(layout).without_block("attention", 0).without_block("mlp", 1)
     plan = plan.with_width("mlp", 2, layout.mlp_width // 2).with_width(
@@ -118,13 +118,13 @@ def test_save_reload_stock_transformers_and_generate(tiny_model, token_ids, tmp_
 
 
 def test_interrupted_save_leaves_nothing_that_looks_complete(tiny_llama, tmp_path, monkeypatch):
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     pruned = extract(prunable, PruningPlan.dense(prunable.layout).without_block("mlp", 0))
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("multipruner.export.shutil.copy", boom)
+    monkeypatch.setattr("multipruner.core.checkpoint.shutil.copy", boom)
     with pytest.raises(KeyboardInterrupt):
         save_pruned(pruned, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -132,9 +132,9 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(tiny_llama, tmp_pat
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_llama, tmp_path):
-    from multipruner.export import CheckpointError
+    from multipruner.core.checkpoint import CheckpointError
 
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     out = save_pruned(extract(prunable, PruningPlan.dense(prunable.layout)), None, tmp_path / "m")
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="could not load"):
@@ -152,7 +152,7 @@ def _narrow_plan(layout: ModelLayout) -> PruningPlan:
 
 
 def test_extract_leaves_nothing_on_meta(tiny_model, token_ids):
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     plan = random_plan(prunable.layout, random.Random(3))
     with prunable.trial(plan):
         masked = tiny_model(token_ids).logits
@@ -168,14 +168,14 @@ def test_extract_leaves_nothing_on_meta(tiny_model, token_ids):
 
 
 def test_extract_refuses_to_return_meta_tensors(tiny_llama, monkeypatch):
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
-    monkeypatch.setattr("multipruner.export._fill_meta_buffers", lambda pruned, dense: None)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
+    monkeypatch.setattr("multipruner.core.extract._fill_meta_buffers", lambda pruned, dense: None)
     with pytest.raises(RuntimeError, match="internal error.*meta device.*inv_freq"):
         extract(prunable, PruningPlan.dense(prunable.layout))
 
 
 def test_extract_reuses_dense_storage_and_copies_only_column_slices(tiny_llama):
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     plan = _narrow_plan(prunable.layout)
     width = plan.mlp_width[0]
     pruned = extract(prunable, plan)
@@ -209,7 +209,7 @@ def test_extract_reuses_dense_storage_and_copies_only_column_slices(tiny_llama):
 
 def test_extract_keeps_bf16(tiny_model, token_ids):
     tiny_model.to(torch.bfloat16)
-    prunable = prepare_dense(tiny_model, weight_reorder=True)
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
     plan = random_plan(prunable.layout, random.Random(4))
     with prunable.trial(plan):
         masked = tiny_model(token_ids).logits
@@ -232,7 +232,7 @@ def test_save_reload_when_dense_weights_share_one_storage(tiny_llama, token_ids,
     for p in params:
         p.data = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-    prunable = prepare_dense(tiny_llama, weight_reorder=False)
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
     plan = _narrow_plan(prunable.layout)
     pruned = extract(prunable, plan)
     q = prunable.adapter.layers(pruned)[3].self_attn.q_proj.weight
@@ -250,8 +250,8 @@ def test_save_reload_when_dense_weights_share_one_storage(tiny_llama, token_ids,
 @pytest.mark.parametrize("dtype, tied_order", [(torch.float32, [2, 5, 7]), (torch.float16, [7, 5, 2])])
 def test_equal_channel_scores_are_ordered_like_the_reference_in_fp16(tiny_llama, dtype, tied_order):
     """fp32: ties keep ascending index; fp16 weights: descending index, as the reference's fp16 runs."""
-    from multipruner.adapters import adapter_for
-    from multipruner.reorder import attention_unit_order, mlp_channel_order
+    from multipruner.core.adapters import adapter_for
+    from multipruner.core.reorder import attention_unit_order, mlp_channel_order
 
     model = tiny_llama.to(dtype)
     adapter = adapter_for(model)

@@ -1,11 +1,12 @@
 """multipruner: training-free multidimensional structured pruning (MultiPruner, arXiv 2501.09949)."""
 
-from .export import extract, load_pruned, prepare_dense, save_pruned
-from .layout import ModelLayout, layout_of
+from .core.checkpoint import load_pruned, save_pruned
+from .core.extract import extract
+from .core.layout import ModelLayout, layout_of
 from .models import load_model
-from .plan import PlanError, PruningPlan, load_plan
-from .reorder import reorder_weights
-from .surgery import PrunableModel
+from .core.plan import PlanError, PruningPlan, load_plan
+from .core.reorder import reorder_weights
+from .core.surgery import PrunableModel
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,6 @@ __all__ = [
     "load_model",
     "load_plan",
     "load_pruned",
-    "prepare_dense",
     "reorder_weights",
     "save_pruned",
 ]

@@ -41,13 +41,13 @@ def _check_output_file(path: str | None) -> None:
 
 # --- prune --------------------------------------------------------------------------------------
 def add_prune(sub) -> None:
-    from .calibration import CalibrationSettings
-    from .compensate import CompensateSettings
+    from .search.calibration import CalibrationSettings
+    from .repair.compensate import CompensateSettings
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
-    from .pipeline import RunOptions
-    from .recover import RecoverSettings
-    from .search import SearchSettings
+    from .run.pipeline import RunOptions
+    from .repair.recover import RecoverSettings
+    from .search.loop import SearchSettings
 
     p = sub.add_parser("prune", help="search what to remove (blocks, MLP channels, heads); extract, evaluate")
     add_settings(p, ModelSettings, title="model")
@@ -69,13 +69,13 @@ def add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> None:
-    from .calibration import CalibrationSettings
-    from .compensate import CompensateSettings
+    from .search.calibration import CalibrationSettings
+    from .repair.compensate import CompensateSettings
     from .evaluation.runner import EvalSettings
     from .models import ModelSettings
-    from .pipeline import PruneJob, RunOptions, prune
-    from .recover import RecoverSettings
-    from .search import SearchSettings
+    from .run.pipeline import PruneJob, RunOptions, prune
+    from .repair.recover import RecoverSettings
+    from .search.loop import SearchSettings
 
     if args.do_eval and not args.do_prune and args.pruned_model_config_file:
         # the reference's evaluation-only mode
@@ -102,7 +102,7 @@ def cmd_prune(args) -> None:
 def prune_summary(run) -> str:
     """The before/after table a prune run ends with, from what it wrote."""
     from .evaluation.results import EvalResult
-    from .run_dir import MODEL_STAGES
+    from .run.run_dir import MODEL_STAGES
     from .tables import render_table
 
     manifest = run.manifest()
@@ -162,7 +162,7 @@ def _add_plan_flags(p) -> None:
 def _activation_order_calibration(args, plan_data: dict):
     """The calibration sets' settings --activation-order recomputes the order on, checked before any
     model loads: the plan must not store an order already, and must be one whose channels are reordered."""
-    from .calibration import CalibrationSettings
+    from .search.calibration import CalibrationSettings
 
     if plan_data.get("channel_order"):
         raise CliError(f"{args.plan} stores its channel order; leave out --activation-order")
@@ -177,7 +177,7 @@ def _activation_order_calibration(args, plan_data: dict):
 
 
 def add_extract(sub) -> None:
-    from .calibration import CalibrationSettings
+    from .search.calibration import CalibrationSettings
     from .models import ModelSettings
 
     p = sub.add_parser(
@@ -195,10 +195,10 @@ def add_extract(sub) -> None:
 def _load_dense_and_plan(args, activation_order: bool = False):
     """The dense model and the plan; with ``activation_order``, the plan's channel order recomputed
     from the calibration flags (for a plan searched that way that does not store its order)."""
-    from .layout import layout_of
+    from .core.layout import layout_of
     from .models import ModelSettings, describe_source
-    from .plan import check_plan_file, load_plan
-    from .reorder import calibration_channel_order
+    from .core.plan import check_plan_file, load_plan
+    from .core.reorder import calibration_channel_order
 
     data = check_plan_file(args.plan)  # a missing, malformed or impossible plan fails before the model loads
     calibration = _activation_order_calibration(args, data) if activation_order else None
@@ -213,13 +213,15 @@ def _load_dense_and_plan(args, activation_order: bool = False):
 
 
 def cmd_extract(args) -> None:
-    from .export import extract, prepare_dense, save_pruned
-    from .inspect_model import format_layer_table
+    from .core.checkpoint import save_pruned
+    from .core.extract import extract
+    from .core.surgery import PrunableModel
+    from .core.inspect_model import format_layer_table
 
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args, args.activation_order)
-    pruned = extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan)
+    pruned = extract(PrunableModel.from_plan(model, plan), plan)
     save_pruned(pruned, tokenizer, args.output, plan, layout, overwrite=args.overwrite)
     print(format_layer_table(pruned))
     print(
@@ -229,8 +231,8 @@ def cmd_extract(args) -> None:
 
 
 def add_compensate(sub) -> None:
-    from .calibration import CalibrationSettings
-    from .compensate import CompensateSettings
+    from .search.calibration import CalibrationSettings
+    from .repair.compensate import CompensateSettings
     from .models import ModelSettings
 
     p = sub.add_parser(
@@ -250,9 +252,11 @@ def add_compensate(sub) -> None:
 
 
 def cmd_compensate(args) -> None:
-    from .calibration import CalibrationSettings
-    from .compensate import CompensateSettings, compensate, compensation_summary
-    from .export import extract, prepare_dense, save_pruned
+    from .search.calibration import CalibrationSettings
+    from .repair.compensate import CompensateSettings, compensate, compensation_summary
+    from .core.checkpoint import save_pruned
+    from .core.extract import extract
+    from .core.surgery import PrunableModel
     from .tables import render_table
 
     settings = settings_from_args(CompensateSettings, args)
@@ -262,7 +266,7 @@ def cmd_compensate(args) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"{args.output} exists; pass --overwrite to replace it")
     model, tokenizer, layout, plan = _load_dense_and_plan(args, args.activation_order)
-    prunable = prepare_dense(model, plan.weight_reorder, plan.channel_order)
+    prunable = PrunableModel.from_plan(model, plan)
     tokens = settings.calibration_tokens(calibration, None, tokenizer)
     pruned = extract(prunable, plan)
     fits = compensate(prunable, pruned, plan, tokens, settings, batch_size=calibration.batch_size)
@@ -289,7 +293,7 @@ def cmd_compensate(args) -> None:
 
 def add_recover(sub) -> None:
     from .models import ModelSettings
-    from .recover import RecoverSettings
+    from .repair.recover import RecoverSettings
 
     p = sub.add_parser("recover", help="LoRA recovery fine-tuning of a pruned model, merged into its weights")
     add_settings(p, ModelSettings, skip=("model",))
@@ -303,7 +307,7 @@ def add_recover(sub) -> None:
 
 def cmd_recover(args) -> None:
     from .models import ModelSettings, is_pruned_dir
-    from .recover import RecoverSettings, recover
+    from .repair.recover import RecoverSettings, recover
 
     settings = settings_from_args(RecoverSettings, args)
     settings.validate()
@@ -337,7 +341,7 @@ def add_inspect(sub) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .inspect_model import format_layer_table
+    from .core.inspect_model import format_layer_table
     from .models import ModelSettings
 
     model, _ = settings_from_args(ModelSettings, args).load()
@@ -374,7 +378,7 @@ def _task_files(items: list[str]) -> dict[str, str]:
 
 def cmd_eval(args) -> None:
     from .evaluation.runner import EvalSettings, evaluate
-    from .export import PLAN_FILENAME
+    from .core.checkpoint import PLAN_FILENAME
     from .models import ModelSettings
 
     settings = settings_from_args(EvalSettings, args)
@@ -383,11 +387,12 @@ def cmd_eval(args) -> None:
     _check_output_file(args.output)
     dense_params = None
     if args.plan:
-        from .export import extract, prepare_dense
+        from .core.extract import extract
+        from .core.surgery import PrunableModel
 
         model, tokenizer, layout, plan = _load_dense_and_plan(args)
         model, dense_params = (
-            extract(prepare_dense(model, plan.weight_reorder, plan.channel_order), plan),
+            extract(PrunableModel.from_plan(model, plan), plan),
             layout.dense_params(),
         )
     else:
@@ -437,8 +442,8 @@ def add_bench(sub) -> None:
 
 def dense_source_of(model_dir: str) -> str | None:
     """The dense model a saved pruned model came from, as recorded in its plan (None if unknown)."""
-    from .export import PLAN_FILENAME
-    from .run_dir import ModelSource
+    from .core.checkpoint import PLAN_FILENAME
+    from .run.run_dir import ModelSource
 
     plan_file = Path(model_dir) / PLAN_FILENAME
     if not plan_file.is_file():
@@ -482,7 +487,7 @@ def cmd_bench(args) -> None:
 
 # --- export -------------------------------------------------------------------------------------
 def add_export(sub) -> None:
-    from .gguf_export import GGUFExportSettings
+    from .export.gguf import GGUFExportSettings
     from .models import ModelSettings
 
     p = sub.add_parser(
@@ -514,7 +519,7 @@ def _display_name(spec: str) -> str:
 
 
 def cmd_export(args) -> None:
-    from .gguf_export import GGUFExportSettings, check_output, export_gguf
+    from .export.gguf import GGUFExportSettings, check_output, export_gguf
     from .models import ModelSettings
 
     settings = settings_from_args(GGUFExportSettings, args)

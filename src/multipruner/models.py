@@ -270,7 +270,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     elif Path(spec).is_dir():
         source = spec
         if is_pruned_dir(Path(spec)):
-            from .export import load_pruned
+            from .core.checkpoint import load_pruned
 
             return load_pruned(spec, dtype=torch_dtype, device=device)
         if not (Path(spec) / "config.json").is_file():

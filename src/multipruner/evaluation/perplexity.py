@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import adapter_for
+from ..core.adapters import adapter_for
 from ..errors import UsageError
-from ..scoring import LossSettings, perplexity_from_nll, sequence_nll
+from ..search.scoring import LossSettings, perplexity_from_nll, sequence_nll
 
 
 @torch.inference_mode()

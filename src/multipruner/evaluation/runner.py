@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..data import eval_token_stream
 from ..errors import UsageError
-from ..scoring import ignored_label
+from ..search.scoring import ignored_label
 from ..settings import setting
 from .perplexity import stream_perplexity
 from .results import PPL, EvalMeta, EvalResult, Metric

@@ -18,10 +18,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
 from ..evaluation.results import EvalResult
-from ..layout import ModelLayout
-from ..plan import PruningPlan
-from ..run_dir import DenseRecord
-from ..search import StepRecord
+from ..core.layout import ModelLayout
+from ..core.plan import PruningPlan
+from ..run.run_dir import DenseRecord
+from ..search.loop import StepRecord
 from .run_data import (
     STAGE_ORDER,
     accuracy_tasks,

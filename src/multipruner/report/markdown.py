@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from ..search import Candidate, StepRecord
+from ..search.loop import Candidate, StepRecord
 from ..tables import render_table
 from .run_data import (
     CALIBRATION_SETS,

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
-from ..layout import ModelLayout
-from ..plan import PlanError, PruningPlan
-from ..run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
-from ..search import STAGES, StepRecord
+from ..core.layout import ModelLayout
+from ..core.plan import PlanError, PruningPlan
+from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
+from ..search.loop import STAGES, StepRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ArchitectureAdapter
+from ..core.adapters import ArchitectureAdapter
 from .distributed import Workers
-from .faults import crash_point
+from ..faults import crash_point
 from .head_bound import HeadBound
-from .plan import PruningPlan
+from ..core.plan import PruningPlan
 from .racing import RaceSettings, exact_survivors, paired_survivors
-from .surgery import PrunableModel
+from ..core.surgery import PrunableModel
 
 
 @dataclass(frozen=True)

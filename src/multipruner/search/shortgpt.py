@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .plan import PruningPlan
-from .search import SearchSettings, StepRecord, initial_plan
-from .surgery import PrunableModel
+from ..core.plan import PruningPlan
+from .loop import SearchSettings, StepRecord, initial_plan
+from ..core.surgery import PrunableModel
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import ArchitectureAdapter, adapter_for
-from .errors import UsageError
-from .inspect_model import describe_layers
-from .io_utils import follow_umask, remove_stale_temporaries
-from .projections import attention_rows, mlp_rows, part_rows
-from .settings import setting
+from ..core.adapters import ArchitectureAdapter, adapter_for
+from ..errors import UsageError
+from ..core.inspect_model import describe_layers
+from ..io_utils import follow_umask, remove_stale_temporaries
+from ..core.projections import attention_rows, mlp_rows, part_rows
+from ..settings import setting
 
 log = logging.getLogger(__name__)
 

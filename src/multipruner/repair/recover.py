@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import DEFAULT_SOURCE, draw_tokens
-from .errors import UsageError
-from .faults import crash_point
-from .io_utils import atomic_directory, atomic_write_text
-from .settings import setting
+from ..search.calibration import DEFAULT_SOURCE, draw_tokens
+from ..errors import UsageError
+from ..faults import crash_point
+from ..io_utils import atomic_directory, atomic_write_text
+from ..settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Recovery:
     def __init__(self, model, tokenizer, settings: RecoverSettings, output: Path, progress: bool = True):
         from peft import LoraConfig, get_peft_model
 
-        from .adapters import adapter_for
+        from ..core.adapters import adapter_for
 
         settings.validate()
         self.settings, self.output, self.progress, self.tokenizer = (
@@ -219,9 +219,9 @@ def recover(
     progress: bool = True,
 ) -> dict:
     """Fine-tune the pruned model in ``pruned_dir`` with LoRA and save the merged result to ``output``."""
-    from .export import PLAN_FILENAME, load_pruned, save_pruned
-    from .layout import ModelLayout
-    from .plan import PruningPlan
+    from ..core.checkpoint import PLAN_FILENAME, load_pruned, save_pruned
+    from ..core.layout import ModelLayout
+    from ..core.plan import PruningPlan
 
     output = Path(output)
     settings.validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import adapter_for
-from .tables import render_table
+from ..tables import render_table
 
 
 def _present(branch: nn.Module) -> bool:

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .data import DOC_SEPARATOR, DataSourceError, load_texts, tokenize
-from .errors import listing
-from .settings import setting
+from ..data import DOC_SEPARATOR, DataSourceError, load_texts, tokenize
+from ..errors import listing
+from ..settings import setting
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ArchitectureAdapter
+from ..core.adapters import ArchitectureAdapter
 
 
 @dataclass

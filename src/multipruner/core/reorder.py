@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, HeadLayout, adapter_for
-from .errors import UsageError
+from ..errors import UsageError
 from .projections import attention_rows, mlp_rows, permute_projection_rows, projection_weight
 
 CHANNEL_IMPORTANCE = ("l1", "activations")

@@ -27,10 +27,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
-from .io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
-from .layout import ModelLayout
-from .plan import PlanError, PruningPlan
+from ..errors import UsageError
+from ..io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
+from ..core.layout import ModelLayout
+from ..core.plan import PlanError, PruningPlan
 
 log = logging.getLogger(__name__)
 

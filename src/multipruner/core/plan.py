@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError, listing
-from .io_utils import atomic_write_text
+from ..errors import UsageError, listing
+from ..io_utils import atomic_write_text
 from .layout import ModelLayout
 from .reorder import ChannelOrder, ChannelOrderError
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 
 class UnsupportedArchitectureError(UsageError):

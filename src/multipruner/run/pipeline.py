@@ -20,23 +20,25 @@ from pathlib import Path
 
 import torch
 
-from .calibration import CalibrationSettings
-from .compensate import CompensateSettings, compensate, compensation_summary
-from .distributed import Workers, bind_device, check_world_size, join, world_size
-from .errors import UsageError
-from .evaluation.runner import EvalSettings
-from .export import extract, load_pruned, prepare_dense, save_pruned
-from .faults import crash_point
-from .layout import ModelLayout, layout_of
-from .models import ModelSettings, describe_source
-from .plan import PruningPlan
-from .recover import RecoverSettings, recover
-from .reorder import ChannelOrder, calibration_channel_order
+from ..search.calibration import CalibrationSettings
+from ..repair.compensate import CompensateSettings, compensate, compensation_summary
+from ..search.distributed import Workers, bind_device, check_world_size, join, world_size
+from ..errors import UsageError
+from ..evaluation.runner import EvalSettings
+from ..core.checkpoint import load_pruned, save_pruned
+from ..core.extract import extract
+from ..core.surgery import PrunableModel
+from ..faults import crash_point
+from ..core.layout import ModelLayout, layout_of
+from ..models import ModelSettings, describe_source
+from ..core.plan import PruningPlan
+from ..repair.recover import RecoverSettings, recover
+from ..core.reorder import ChannelOrder, calibration_channel_order
 from .run_dir import MODEL_STAGES, DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
-from .scoring import CalibrationScorer, LossSettings, ignored_label
-from .search import SearchConfigError, SearchSettings, StepRecord, run_search
-from .settings import differences, setting, to_dict, unrecorded_values
-from .shortgpt import run_shortgpt
+from ..search.scoring import CalibrationScorer, LossSettings, ignored_label
+from ..search.loop import SearchConfigError, SearchSettings, StepRecord, run_search
+from ..settings import differences, setting, to_dict, unrecorded_values
+from ..search.shortgpt import run_shortgpt
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class RunContext:
         order = stored[0].channel_order if stored else None
         # an order by activations needs the calibration sets: the search phase makes it (order_channels)
         deferred = self.search.orders_by_activations and order is None
-        self.prunable = prepare_dense(self.model, self.search.weight_reorder and not deferred, order)
+        self.prunable = PrunableModel.prepare(self.model, self.search.weight_reorder and not deferred, order)
 
     def order_channels(self, calibration: dict[str, torch.Tensor]) -> None:
         """Order the channels by their activations on both calibration sets, unless already ordered."""
@@ -423,7 +425,7 @@ class EvaluatePhase(Phase):
         return same and all(ctx.run.eval_file(w).is_file() for w in ("dense", *ctx.stages()))
 
     def run(self, ctx: RunContext) -> dict:
-        from .evaluation.runner import evaluate
+        from ..evaluation.runner import evaluate
 
         ctx.load()
         plan = ctx.current_plan()
@@ -454,7 +456,7 @@ class ReportPhase(Phase):
         return False  # cheap, and it should show what the other phases just wrote
 
     def run(self, ctx: RunContext) -> dict:
-        from .report import write_report
+        from ..report import write_report
 
         return {"path": str(write_report(ctx.run.path))}
 

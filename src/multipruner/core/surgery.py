@@ -20,7 +20,7 @@ from .layout import ModelLayout, layout_of
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
 from .plan import PruningPlan
 from .projections import attention_rows, first_rows, mlp_rows
-from .reorder import ChannelOrder, apply_channel_order
+from .reorder import ChannelOrder, apply_channel_order, reorder_weights
 
 
 @dataclass
@@ -71,6 +71,25 @@ class PrunableModel:
             )
         self.plan = PruningPlan.dense(self.layout)
         self.channel_order: ChannelOrder | None = None  # set when the channels were ordered by data
+
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, weight_reorder: bool = True, channel_order: ChannelOrder | None = None
+    ) -> PrunableModel:
+        """Wrap a dense model for pruning, reordering its weights first when asked (in place): by
+        ``channel_order`` when given (channels ordered by data), else by L1 norms."""
+        adapter = adapter_for(model)
+        if weight_reorder and channel_order is None:
+            reorder_weights(model, adapter)
+        prunable = cls(model, adapter)
+        if weight_reorder and channel_order is not None:
+            prunable.order_channels(channel_order)
+        return prunable
+
+    @classmethod
+    def from_plan(cls, model: nn.Module, plan: PruningPlan) -> PrunableModel:
+        """The dense model prepared the way ``plan`` was searched: its reordering and channel order."""
+        return cls.prepare(model, plan.weight_reorder, plan.channel_order)
 
     def order_channels(self, order: ChannelOrder) -> None:
         """Reorder the dense, not yet reordered model's channels by a stored order (in place)."""

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import draw_tokens
-from .errors import UsageError
-from .plan import PruningPlan
-from .scoring import _LayerInputRecorder
-from .settings import setting
-from .surgery import PrunableModel
+from ..search.calibration import draw_tokens
+from ..errors import UsageError
+from ..core.plan import PruningPlan
+from ..search.scoring import _LayerInputRecorder
+from ..settings import setting
+from ..core.surgery import PrunableModel
 
 log = logging.getLogger(__name__)
 

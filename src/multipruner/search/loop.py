@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from .errors import UsageError, listing
-from .layout import ModelLayout
-from .plan import PruningPlan
+from ..errors import UsageError, listing
+from ..core.layout import ModelLayout
+from ..core.plan import PruningPlan
 from .racing import RACE_MODES, RaceSettings
-from .reorder import CHANNEL_IMPORTANCE, ChannelOrder
+from ..core.reorder import CHANNEL_IMPORTANCE, ChannelOrder
 from .scoring import CalibrationScorer
-from .settings import setting
-from .surgery import PrunableModel
+from ..settings import setting
+from ..core.surgery import PrunableModel
 
 log = logging.getLogger(__name__)
 
