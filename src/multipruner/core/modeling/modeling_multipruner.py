@@ -109,7 +109,23 @@ def make_cache_skip_layers(cache, config, removed: list[int]) -> None:
     for idx in removed:
         slot = layers[idx]
         if not isinstance(slot, DummyLayer) and slot.get_seq_length() == 0:
-            layers[idx] = DummyLayer()
+            layers[idx] = SkippedAttentionLayer(cache)
+
+
+class SkippedAttentionLayer(DummyLayer):
+    """A removed attention layer's cache slot: stores nothing, and reports the sequence length of the
+    cache's first kept attention layer: transformers 5.25's ``DynamicCache.get_seq_length`` asks layer 0,
+    removed or not, and a plain ``DummyLayer`` has no ``get_seq_length``."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self._cache = cache
+
+    def get_seq_length(self) -> int:
+        for layer in self._cache.layers:
+            if not isinstance(layer, DummyLayer):
+                return layer.get_seq_length()
+        return 0
 
 
 class PrunedCausalLMMixin:
@@ -163,7 +179,8 @@ class MultiPrunerPhi3ForCausalLM(PrunedCausalLMMixin, Phi3ForCausalLM):
     pass
 
 
-# model_type of the dense family -> pruned model class
+# model_type of the dense family -> pruned model class. The same types as multipruner's adapter registry
+# (core/adapters), which this file cannot import: tests/test_plan.py checks that the two agree.
 PRUNED_CLASSES = {
     "llama": MultiPrunerLlamaForCausalLM,
     "mistral": MultiPrunerMistralForCausalLM,
