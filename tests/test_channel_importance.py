@@ -15,7 +15,14 @@ from test_surgery import random_plan
 
 from multipruner import PrunableModel, PruningPlan, extract
 from multipruner.cli import main
-from multipruner.core.reorder import ChannelOrder, ChannelOrderError, activation_channel_order
+from multipruner.core.importance import (
+    CHANNEL_IMPORTANCE,
+    ChannelOrder,
+    ChannelOrderError,
+    activation_channel_order,
+    attention_unit_order,
+    mlp_channel_order,
+)
 
 
 def _fresh(name: str):
@@ -95,7 +102,9 @@ def test_a_plan_with_its_order_extracts_the_same_model_from_a_fresh_dense_copy(n
     plan.save(tmp_path / "plan.json", prunable.layout)
     stored = PruningPlan.from_dict(json.loads((tmp_path / "plan.json").read_text()))
     assert stored.channel_order == order
-    replayed = extract(PrunableModel.prepare(_fresh(name), stored.weight_reorder, stored.channel_order), stored)
+    replayed = extract(
+        PrunableModel.prepare(_fresh(name), stored.weight_reorder, stored.channel_order), stored
+    )
     assert rel_err(replayed(token_ids).logits, masked) < 1e-5
     # the L1 order would keep other channels: the order really is replayed, not recomputed
     l1 = extract(PrunableModel.prepare(_fresh(name), True), stored)
@@ -105,11 +114,61 @@ def test_a_plan_with_its_order_extracts_the_same_model_from_a_fresh_dense_copy(n
 def test_an_order_for_another_model_is_refused(token_ids):
     model = _fresh("llama_gqa")
     order = activation_channel_order(model, token_ids)
-    short = ChannelOrder(order.importance, tuple(o[:-1] for o in order.mlp), order.attention)
-    with pytest.raises(ChannelOrderError, match="not a permutation"):
-        PrunableModel.prepare(_fresh("llama_gqa"), True, short)
+    # a well-formed order of a model with one MLP channel less: refused where it meets this model
+    narrower = ChannelOrder(
+        order.importance, tuple(tuple(range(len(o) - 1)) for o in order.mlp), order.attention
+    )
+    with pytest.raises(ChannelOrderError, match="not a permutation of this model's 4 x 96 mlp channels"):
+        PrunableModel.prepare(_fresh("llama_gqa"), True, narrower)
+    # an order that lists a channel twice is no order for any model: refused when built
+    with pytest.raises(ChannelOrderError, match="layer 1 does not list each of the 96 mlp channels"):
+        ChannelOrder(
+            order.importance, (order.mlp[0], (0, *order.mlp[1][1:]), *order.mlp[2:]), order.attention
+        )
     with pytest.raises(ChannelOrderError, match="malformed"):
         ChannelOrder.from_dict({"importance": "activations", "mlp": 3})
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_the_registry_gives_the_permutations_of_the_importance_functions(name):
+    """Looking an importance up by name ranks exactly as its function, and reorders the model exactly as
+    the reordering it replaced (L1: ``PrunableModel.prepare``; activations: both sets, block set first)."""
+    from multipruner.core.adapters import adapter_for
+
+    torch.manual_seed(2)
+    sets = {"block": torch.randint(0, 128, (3, 12)), "width": torch.randint(0, 128, (2, 12))}
+    model = _fresh(name)
+    adapter = adapter_for(model)
+    heads = adapter.head_layout(model)
+
+    l1 = CHANNEL_IMPORTANCE["l1"].order(model)
+    assert l1.importance == "l1" and not CHANNEL_IMPORTANCE["l1"].needs_calibration
+    for layer, mlp, units in zip(adapter.layers(model), l1.mlp, l1.attention, strict=True):
+        assert list(mlp) == mlp_channel_order(adapter.mlp_module(layer), adapter).tolist()
+        assert list(units) == attention_unit_order(adapter.attention_module(layer), adapter, heads).tolist()
+    assert l1.mlp != tuple(tuple(range(len(o))) for o in l1.mlp)  # a real permutation, not the identity
+    by_l1 = _fresh(name)
+    PrunableModel.prepare(by_l1, True, CHANNEL_IMPORTANCE["l1"].order(by_l1))
+    reordered = _fresh(name)
+    PrunableModel.prepare(reordered, True)  # no order given: the weights' L1 order
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(by_l1.state_dict().values(), reordered.state_dict().values(), strict=True)
+    )
+
+    activations = CHANNEL_IMPORTANCE["activations"]
+    assert activations.needs_calibration
+    order = activations.order(model, sets, batch_size=2)
+    assert order == activation_channel_order(model, torch.cat([sets["block"], sets["width"]]), batch_size=2)
+    assert order != activation_channel_order(model, sets["width"], batch_size=2)
+
+
+@pytest.mark.parametrize("importance, waits", [("l1", False), ("activations", True)])
+def test_the_search_waits_for_calibration_only_for_an_importance_that_reads_it(importance, waits):
+    from multipruner.search.settings import SearchSettings
+
+    assert SearchSettings(channel_importance=importance).orders_by_activations is waits
+    assert SearchSettings(channel_importance=importance, weight_reorder=False).orders_by_activations is False
 
 
 def test_prune_by_activations_end_to_end_resumes_and_extracts_the_same_model(

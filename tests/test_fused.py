@@ -53,7 +53,10 @@ def test_fused_family_prunes_exactly_like_the_unfused_one(token_ids):
     phi3 = _randomize(TINY_MODELS["phi3_fused"]())
     llama = _as_llama(phi3)
     assert rel_err(llama(token_ids).logits, phi3(token_ids).logits) < 1e-5
-    fused, unfused = PrunableModel.prepare(phi3, weight_reorder=True), PrunableModel.prepare(llama, weight_reorder=True)
+    fused, unfused = (
+        PrunableModel.prepare(phi3, weight_reorder=True),
+        PrunableModel.prepare(llama, weight_reorder=True),
+    )
     assert rel_err(llama(token_ids).logits, phi3(token_ids).logits) < 1e-5  # the same reordering
     for seed in range(4):
         plan = random_plan(fused.layout, random.Random(seed))

@@ -6,10 +6,11 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import TINY_MODELS
 
-from multipruner import PlanError, PruningPlan, layout_of, load_plan
-from multipruner.core.adapters import UnsupportedArchitectureError, adapter_for
+from multipruner import PlanError, PrunableModel, PruningPlan, extract, layout_of, load_plan
+from multipruner.core.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, pruned_model_class
 
 
 @pytest.fixture
@@ -59,27 +60,74 @@ def test_reference_published_shape_is_readable(layout, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mutate, message",
+    "build, message",
     [
-        (lambda p: p.with_width("attention", 0, 24), "whole KV groups"),  # 8 heads x 8 dims, units of 32
-        (lambda p: p.without_block("mlp", 7), "out of range"),
-        (lambda p: p.with_width("mlp", 0, 200), "outside"),
+        (lambda p: p.without_block("mlp", 7), "out of range"),  # 4 layers
+        (lambda p: p.with_width("mlp", 0, 0), "MLP width 0 is not positive"),
+        (lambda p: replace(p, mlp_width=p.mlp_width[:-1]), "one per layer"),
+        (lambda p: replace(p, mlp_group_size=0), "MLP group size 0 is not positive"),
+        (lambda p: replace(p, attention_width=(*p.attention_width[:-1], 2.5)), "whole numbers"),
+        (lambda p: replace(p, removed_attention=frozenset(range(4))), "every attention block"),
     ],
 )
-def test_invalid_plans_name_the_problem(layout, mutate, message):
+def test_a_plan_that_fits_no_model_cannot_be_built(layout, build, message):
     with pytest.raises(PlanError, match=message):
-        mutate(PruningPlan.dense(layout)).validate(layout)
+        build(PruningPlan.dense(layout))
 
 
-def test_mlp_width_must_be_whole_groups(layout):
-    plan = replace(PruningPlan.dense(layout), mlp_group_size=32).with_width("mlp", 0, 80)
-    with pytest.raises(PlanError, match="groups of 32"):
-        plan.validate(layout)
+def test_a_removed_blocks_width_is_not_checked(tiny_llama, layout):
+    # widths of removed blocks are kept as they were and ignored
+    plan = PruningPlan.dense(layout).without_block("mlp", 1).with_width("mlp", 1, 0)
+    PrunableModel(tiny_llama).apply(plan)
 
 
-def test_attention_group_size_must_not_split_kv_group(layout):
-    with pytest.raises(PlanError, match="splits a KV group"):
-        replace(PruningPlan.dense(layout), attention_group_size=16).validate(layout)
+# plans that are well formed but do not fit this model: refused where they meet it, with no call to check
+UNFIT = [
+    (lambda p: p.with_width("attention", 0, 24), "whole KV groups"),  # 8 heads x 8 dims, units of 32
+    (lambda p: p.with_width("mlp", 0, 200), "outside"),
+    (lambda p: replace(p, mlp_group_size=32).with_width("mlp", 0, 80), "groups of 32"),
+    (lambda p: replace(p, attention_group_size=16), "splits a KV group"),
+    (
+        lambda p: replace(p, mlp_width=p.mlp_width * 2, attention_width=p.attention_width * 2),
+        "model has 4 layers",
+    ),
+]
+
+
+@pytest.mark.parametrize("unfit, message", UNFIT)
+def test_a_plan_that_does_not_fit_is_refused_where_it_meets_the_model(tiny_llama, layout, unfit, message):
+    plan = unfit(PruningPlan.dense(layout))
+    model = tiny_llama
+    prunable = PrunableModel(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for meet in (prunable.apply, lambda p: prunable.trial(p).__enter__(), lambda p: extract(prunable, p)):
+        with pytest.raises(PlanError, match=message):
+            meet(plan)
+        # refused before anything changed: the model is still the dense one
+        assert prunable.plan == PruningPlan.dense(layout)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("unfit, message", UNFIT[:4])
+def test_a_plan_file_that_does_not_fit_is_refused_when_loaded(layout, tmp_path, unfit, message):
+    path = tmp_path / "plan.json"
+    unfit(PruningPlan.dense(layout)).save(path)  # saved without a layout: only the loading model can tell
+    with pytest.raises(PlanError, match=message):
+        load_plan(path, layout)
+
+
+def test_one_group_size_check_for_plans_and_searches(tiny_llama, layout):
+    """The plan and the search settings refuse a KV-group-splitting group with the same words."""
+    from multipruner.search.settings import SearchConfigError, SearchSettings
+
+    with pytest.raises(PlanError) as plan_error:
+        PrunableModel(tiny_llama).apply(replace(PruningPlan.dense(layout), attention_group_size=16))
+    with pytest.raises(SearchConfigError) as search_error:
+        SearchSettings(attention_group_size=16).validate(layout)
+    said = layout.heads.attention_group_problem(16)
+    assert said and said in str(plan_error.value) and said in str(search_error.value)
+    assert layout.heads.attention_group_problem(64) is None
 
 
 def test_missing_and_malformed_files(layout, tmp_path):
@@ -181,3 +229,38 @@ def test_reference_plans_with_bad_types_fail_before_the_model(tmp_path, capsys):
         == 2
     )
     assert "malformed reference pruning_config" in capsys.readouterr().err
+
+
+def test_every_adapter_type_has_a_pruned_class_and_no_other_type_has_one():
+    """The adapters are the list of supported types; the saved model code, which cannot import them, must
+    hold a pruned class for exactly those types, each built on its family's own model class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from multipruner.core.modeling.modeling_multipruner import PRUNED_CLASSES, PrunedCausalLMMixin
+
+    adapter_types = {t for adapter in ADAPTERS for t in adapter.model_types}
+    assert adapter_types == set(PRUNED_CLASSES)
+    for model_type in sorted(adapter_types):
+        cls = pruned_model_class(model_type)
+        dense_cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))]
+        assert issubclass(cls, PrunedCausalLMMixin) and issubclass(cls, dense_cls), model_type
+    with pytest.raises(UnsupportedArchitectureError, match="supported model types"):
+        pruned_model_class("gpt2")
+
+
+@pytest.mark.parametrize("accounting", ["exact", "reference"])
+def test_the_searchs_params_cost_is_the_plans_ratio_in_either_accounting(layout, accounting):
+    import random
+
+    from test_surgery import random_plan
+
+    from multipruner.search.cost import ParamsCost
+
+    cost = ParamsCost(layout, accounting)
+    plans = [PruningPlan.dense(layout), *(random_plan(layout, random.Random(seed)) for seed in range(8))]
+    assert [cost.reduction(p) for p in plans] == [p.ratio(layout, accounting) for p in plans]
+    assert cost.reduction(PruningPlan.dense(layout)) == 0.0
+    # the accounting is honoured: a removed block's norms count in one and not the other
+    removed = PruningPlan.dense(layout).without_block("mlp", 0)
+    other = "exact" if accounting == "reference" else "reference"
+    assert cost.reduction(removed) != ParamsCost(layout, other).reduction(removed)

@@ -38,7 +38,6 @@ def _check_model(model, tokenizer, tmp_path):
     with torch.inference_mode():
         assert rel_err(model(ids).logits, dense) < 1e-5
     plan = _random_valid_plan(prunable.layout, seed=0)
-    plan.validate(prunable.layout)
     with torch.inference_mode(), prunable.trial(plan):
         masked = model(ids).logits
         no_cache = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import UsageError
 from ..faults import crash_point
 from ..io_utils import atomic_directory
-from .adapters import base_model_type
+from .adapters import pruned_model_class
 from .layout import ModelLayout
 from .modeling import modeling_multipruner as pruned_modeling
 from .plan import PruningPlan
@@ -60,7 +60,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     try:
         config = json.loads((path / "config.json").read_text())
         config["pruned_structure"]  # noqa: B018 - KeyError: not written by multipruner
-        model_cls = pruned_modeling.PRUNED_CLASSES[base_model_type(config["model_type"])]
+        model_cls = pruned_model_class(config["model_type"])
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path} is not a multipruner checkpoint: {err!r}") from err
     try:

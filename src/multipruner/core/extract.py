@@ -7,9 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import ArchitectureAdapter, base_model_type
+from .adapters import ArchitectureAdapter, pruned_model_class
 from .layout import ModelLayout
-from .modeling import modeling_multipruner as pruned_modeling
 from .plan import PruningPlan
 from .surgery import PrunableModel
 
@@ -39,7 +38,7 @@ def pruned_config(dense_config, plan: PruningPlan, layout: ModelLayout, adapter:
     """The pruned model's config: the family's own config class (dense sizes stay the global values) plus
     ``pruned_structure``, and an ``auto_map`` that sends AutoModelForCausalLM to the saved model code."""
     text_config = dense_config.get_text_config(decoder=True)
-    model_cls = pruned_modeling.PRUNED_CLASSES[base_model_type(text_config.model_type)]
+    model_cls = pruned_model_class(text_config.model_type)
     data = text_config.to_dict()
     data.update(
         architectures=[model_cls.__name__],
@@ -103,11 +102,10 @@ def extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
     (fine-tuning, quantising in place, ...) must clone them first, e.g.
     ``for p in pruned.parameters(): p.data = p.data.clone()``.
     """
-    plan.validate(prunable.layout)
-    config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
-    with torch.device("meta"):
-        pruned = model_cls(config)
-    with prunable.trial(plan):
+    with prunable.trial(plan):  # refuses a plan that does not fit the model, before anything is built
+        config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
+        with torch.device("meta"):
+            pruned = model_cls(config)
         pruned.load_state_dict(_kept_tensors(prunable.model), strict=True, assign=True)
         _fill_meta_buffers(pruned, prunable.model)
     pruned.tie_weights()

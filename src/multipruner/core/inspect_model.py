@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import adapter_for
 from ..tables import render_table
+from .adapters import adapter_for
 
 
 def _present(branch: nn.Module) -> bool:

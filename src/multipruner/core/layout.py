@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapters import ADAPTERS, ArchitectureAdapter, HeadLayout, adapter_for
+from .adapters import ArchitectureAdapter, HeadLayout, adapter_for, adapter_of_type
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,7 @@ class ModelLayout:
 
     def branch_norm_params(self, kind: str) -> int:
         """Parameters of the norms around one branch ("attention" or "mlp"), outside its module."""
-        adapter = next(a for a in ADAPTERS if self.model_type in a.model_types)
-        return len(adapter.branch(kind).norms) * self.hidden_size
+        return len(adapter_of_type(self.model_type).branch(kind).norms) * self.hidden_size
 
     def dense_params(self) -> int:
         per_layer = self.attention_params(self.attention_width) + self.mlp_params(self.mlp_width)

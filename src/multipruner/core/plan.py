@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..errors import UsageError, listing
 from ..io_utils import atomic_write_text
+from .importance import ChannelOrder, ChannelOrderError
 from .layout import ModelLayout
-from .reorder import ChannelOrder, ChannelOrderError
 
 PLAN_FORMAT = "multipruner-plan/1"
 BLOCK_KINDS = ("attention", "mlp")
@@ -75,14 +75,6 @@ class PruningPlan:
         widths[layer] = width
         return replace(self, **{key: tuple(widths)})
 
-    def is_dense_for(self, layout: ModelLayout) -> bool:
-        return self == PruningPlan.dense(
-            layout,
-            weight_reorder=self.weight_reorder,
-            mlp_group_size=self.mlp_group_size,
-            attention_group_size=self.attention_group_size,
-        )
-
     # --- counting -----------------------------------------------------------------
     def num_params(self, layout: ModelLayout, accounting: str = "exact") -> int:
         """Parameters of the pruned model. ``accounting="reference"`` counts as the authors' code does:
@@ -104,7 +96,58 @@ class PruningPlan:
         return 100.0 * (1.0 - self.num_params(layout, accounting) / layout.dense_params())
 
     # --- validation ---------------------------------------------------------------
-    def validate(self, layout: ModelLayout) -> None:
+    # A plan checks itself when it is built (what needs no model), and against a model wherever it meets
+    # one: ``load_plan``, ``check_plan_file`` (the layout the file stores) and ``PrunableModel.apply``, so
+    # every trial and every extraction. No caller checks a plan by hand.
+    def __post_init__(self):
+        for name in ("removed_attention", "removed_mlp"):
+            object.__setattr__(self, name, frozenset(getattr(self, name)))
+        for name in ("attention_width", "mlp_width"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = self._problems()
+        if problems:
+            raise PlanError(listing("invalid pruning plan", problems))
+
+    def _problems(self) -> list[str]:
+        """What is wrong with the plan whatever the model: types, lengths, indices, signs."""
+        fields = {
+            "removed_attention": self.removed_attention,
+            "removed_mlp": self.removed_mlp,
+            "attention_width": self.attention_width,
+            "mlp_width": self.mlp_width,
+            "mlp_group_size": () if self.mlp_group_size is None else (self.mlp_group_size,),
+            "attention_group_size": () if self.attention_group_size is None else (self.attention_group_size,),
+        }
+        not_whole = [name for name, values in fields.items() if not all(_is_whole(v) for v in values)]
+        if not_whole:
+            return [f"{', '.join(not_whole)} must hold whole numbers"]
+        problems: list[str] = []
+        n = len(self.mlp_width)
+        if len(self.attention_width) != n:
+            problems.append(
+                f"plan has {n} MLP but {len(self.attention_width)} attention widths: one per layer"
+            )
+        for kind in BLOCK_KINDS:
+            bad = sorted(i for i in self.removed(kind) if not 0 <= i < n)
+            if bad:
+                problems.append(f"removed {kind} block index out of range [0, {n}): {bad}")
+        for name, widths, removed in (
+            ("attention", self.attention_width, self.removed_attention),
+            ("MLP", self.mlp_width, self.removed_mlp),
+        ):
+            problems += [
+                f"layer {i}: {name} width {w} is not positive"
+                for i, w in enumerate(widths)
+                if w <= 0 and i not in removed
+            ]
+        for name, size in (("MLP", self.mlp_group_size), ("attention", self.attention_group_size)):
+            if size is not None and size <= 0:
+                problems.append(f"{name} group size {size} is not positive")
+        if n and len(self.removed_attention) >= n:
+            problems.append("plan removes every attention block; at least one must remain")
+        return problems
+
+    def check_fits(self, layout: ModelLayout) -> None:
         """Raise PlanError naming every way this plan does not fit ``layout``."""
         problems: list[str] = []
         n = layout.num_layers
@@ -118,11 +161,8 @@ class PruningPlan:
                 problems.append(f"removed {kind} block index out of range [0, {n}): {bad}")
         unit = layout.heads.unit_channels
         attn_step = self.attention_group_size or unit
-        if self.attention_group_size and self.attention_group_size % unit:
-            problems.append(
-                f"attention group size {self.attention_group_size} splits a KV group: it must be a multiple of "
-                f"{unit} channels ({layout.heads.q_heads_per_unit} query heads x head_dim {layout.head_dim})"
-            )
+        if problem := layout.heads.attention_group_problem(self.attention_group_size):
+            problems.append(problem)
         mlp_step = self.mlp_group_size or 1
         checks = (
             ("attention", self.attention_width, layout.attention_width, attn_step, self.removed_attention),
@@ -148,8 +188,6 @@ class PruningPlan:
                 self.channel_order.check(n, layout.mlp_width, layout.heads.num_units)
             except ChannelOrderError as err:
                 problems.append(str(err))
-        if n and len(self.removed_attention) >= n:
-            problems.append("plan removes every attention block; at least one must remain")
         if problems:
             raise PlanError(listing("invalid pruning plan", problems))
 
@@ -202,6 +240,10 @@ class PruningPlan:
         def integers(values):
             return [int(v) for v in values]
 
+        try:
+            order = ChannelOrder.from_dict(data["channel_order"]) if data.get("channel_order") else None
+        except ChannelOrderError as err:
+            raise PlanError(str(err)) from None
         return cls(
             removed_attention=frozenset(parsed("removed_attention", integers)),
             removed_mlp=frozenset(parsed("removed_mlp", integers)),
@@ -210,9 +252,7 @@ class PruningPlan:
             weight_reorder=bool(data.get("weight_reorder", True)),
             mlp_group_size=parsed("mlp_group_size", _optional_int, None),
             attention_group_size=parsed("attention_group_size", _optional_int, None),
-            channel_order=ChannelOrder.from_dict(data["channel_order"])
-            if data.get("channel_order")
-            else None,
+            channel_order=order,
             meta=data.get("meta", {}),
         )
 
@@ -249,6 +289,10 @@ class PruningPlan:
 
     def save_reference(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_reference(), indent=4) + "\n")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _optional_int(value) -> int | None:
@@ -289,7 +333,7 @@ def check_plan_file(path: str | Path) -> dict:
         except (KeyError, TypeError) as err:
             raise PlanError(f"plan {path}: malformed layout: {err!r}") from err
         try:
-            plan.validate(layout)
+            plan.check_fits(layout)
         except PlanError as err:
             raise PlanError(f"plan {path}: {err}") from err
     return data
@@ -328,5 +372,5 @@ def load_plan(path: str | Path, layout: ModelLayout, weight_reorder: bool | None
         )
     if weight_reorder is not None:
         plan = replace(plan, weight_reorder=weight_reorder)
-    plan.validate(layout)
+    plan.check_fits(layout)
     return plan

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters import ArchitectureAdapter, adapter_for
+from .importance import ChannelOrder
 from .layout import ModelLayout, layout_of
 from .modeling.modeling_multipruner import RemovedAttention, RemovedMLP, RemovedNorm
 from .plan import PruningPlan
 from .projections import attention_rows, first_rows, mlp_rows
-from .reorder import ChannelOrder, apply_channel_order, reorder_weights
+from .reorder import apply_channel_order, reorder_weights
 
 
 @dataclass
@@ -176,7 +177,9 @@ class PrunableModel:
 
     # --- plans --------------------------------------------------------------------
     def apply(self, plan: PruningPlan) -> None:
-        """Make the model compute ``plan``; only layers that differ from the current plan are touched."""
+        """Make the model compute ``plan``; only layers that differ from the current plan are touched.
+        A plan that does not fit the model is refused (PlanError) before anything changes."""
+        plan.check_fits(self.layout)
         old = self.plan
         for kind in ("attention", "mlp"):
             for i in range(self.layout.num_layers):

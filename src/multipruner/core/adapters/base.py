@@ -73,6 +73,17 @@ class HeadLayout:
         """Query channels in one unit: the smallest step of the attention width."""
         return self.q_heads_per_unit * self.head_dim
 
+    def attention_group_problem(self, group_size: int | None) -> str | None:
+        """Why an attention group of ``group_size`` query channels cannot be removed as one step: it splits
+        a KV group (None when it does not, or when no positive size is given)."""
+        unit = self.unit_channels
+        if not group_size or group_size < 0 or group_size % unit == 0:
+            return None
+        return (
+            f"attention group size {group_size} splits a KV group: it must be a multiple of {unit} channels "
+            f"({self.q_heads_per_unit} query heads x head_dim {self.head_dim}: whole KV groups)"
+        )
+
     @property
     def q_width(self) -> int:
         return self.num_heads * self.head_dim
