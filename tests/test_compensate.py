@@ -7,6 +7,7 @@ import torch
 from conftest import extract_args, rel_err
 
 from multipruner import PrunableModel, PruningPlan, extract, save_pruned
+from multipruner.core.checkpoint import load_pruned
 from multipruner.repair.compensate import (
     CompensateSettings,
     CompensationError,
@@ -14,7 +15,6 @@ from multipruner.repair.compensate import (
     reconstruction_error,
     ridge_refit,
 )
-from multipruner.core.checkpoint import load_pruned
 
 
 def _tokens(vocab: int, n: int = 6, seqlen: int = 24, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The head bound is a lower bound on the exact next-token NLL for any hidden state, equals it at the current
-model's states, and covers families with an LM-head bias; soft-capped logits get no bound."""
+model's states, and covers families with an LM-head bias; soft-capped logits get no bound. Lazy heads pay
+the exact loss only for candidates whose bound may still win."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from multipruner import PrunableModel
-from multipruner.search.head_bound import HeadBound
+from multipruner.search.head_bound import HeadBound, lazy_heads, pay_heads, settle
+from multipruner.search.step_state import StepState
 
 
 def _exact_token_nll(prunable, normed, ids):
@@ -56,3 +58,45 @@ def test_bound_with_an_lm_head_bias(tiny_llama, token_ids):
         biased.bias.copy_(torch.randn(head.out_features) * 2.0)
     tiny_llama.lm_head = biased
     assert _check(tiny_llama, token_ids, top_k=2) is not None
+
+
+def test_heads_are_put_off_only_when_racing_with_a_bound_and_the_states_fit():
+    fits = dict(candidates=10, state_values=2**20, dtype_bytes=2)  # 20 MB of final states
+    assert lazy_heads(racing=True, top_k=16, budget_mb=20.0, **fits)
+    assert not lazy_heads(racing=True, top_k=16, budget_mb=19.9, **fits)
+    assert not lazy_heads(racing=False, top_k=16, budget_mb=1e9, **fits)
+    assert not lazy_heads(racing=True, top_k=0, budget_mb=1e9, **fits)
+
+
+def _bounded_state(exact: dict[int, float], bounds: dict[int, float]) -> StepState:
+    """Candidates with an exact loss on one batch, and candidates with only a bound (their head put off)."""
+    state = StepState(len(exact) + len(bounds), lazy=True, weight_dtype=torch.float32)
+    for k, loss in exact.items():
+        state.record_exact(k, 0, torch.tensor([loss]))
+    for k, bound in bounds.items():
+        state.record_bound(k, 0, torch.tensor([bound]), final_states=torch.tensor([bound + 0.5]))
+    return state
+
+
+def test_settle_pays_the_heads_of_candidates_that_may_win_lowest_bound_first():
+    # exact: 0 at 10.0; bounded: 1 (9.0, exactly 9.5), 2 (9.4, exactly 9.9), 3 (11.0: out at once)
+    state = _bounded_state({0: 10.0}, {1: 9.0, 2: 9.4, 3: 11.0})
+    paid = []
+
+    def finish(k: int) -> None:
+        paid.append(k)
+        pay_heads(state, k, lambda b, final_states: final_states)  # the "exact loss": bound + 0.5
+        state.pending.discard(k)
+
+    settle(state, {0, 1, 2, 3}, finish)
+    # 1 first (lowest bound), then 2, still under the best total (9.5); 3's bound already loses
+    assert paid == [1, 2]
+    assert state.partial_sum(1) == 9.5 and state.partial_sum(2) == pytest.approx(9.9)
+    assert state.pending == {3} and state.nll[3] == {} and state.lower_sum(3) == 11.0
+
+
+def test_settle_stops_at_the_first_bound_above_the_best_total():
+    state = _bounded_state({0: 5.0}, {1: 6.0, 2: 4.0})
+    paid = []
+    settle(state, {0, 1, 2}, paid.append)  # a finish that learns nothing: the best stays 5.0
+    assert paid == [2]

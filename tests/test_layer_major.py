@@ -4,11 +4,21 @@ candidate-by-candidate scoring, step after step (cross-step reuse included), on 
 from __future__ import annotations
 
 import pytest
-from test_search import _calibration, _settings
+import torch
+from test_search import _block_step, _calibration, _settings
 
 from multipruner import PrunableModel
-from multipruner.search.scoring import CalibrationScorer, LossSettings
+from multipruner.search.layer_major import (
+    activation_width,
+    candidates_per_call,
+    repeat_batch,
+    run_tails_layer_major,
+)
 from multipruner.search.loop import run_search
+from multipruner.search.objective import LossSettings, NllObjective
+from multipruner.search.recorder import LayerInputRecorder
+from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.tails import Tail, run_tails_one_by_one
 
 
 def _search(model, budget_mb: float, mode: str):
@@ -70,3 +80,64 @@ def test_the_prune_command_with_layer_major_scoring_gives_the_same_run(
         assert main(prune_args(tiny_model_dir, run, calibration_txt, "--layer-major-mb", budget)) == 0
         runs[budget] = json.loads((run / "plan.json").read_text())
     assert runs["0"] == runs["64"]
+
+
+def test_layer_major_tails_equal_one_by_one_tails_also_when_restarted_past_their_own_layer(tiny_model):
+    """The strategy on its own: the same final states, kept states, per-sequence NLL and layer count as
+    running each tail alone; a tail restarted from a kept state (as reuse does) ends where the full one did."""
+    scorer, plans, layers = _block_step(tiny_model)
+    p = scorer.prunable
+    ids = scorer.tokens[:2]
+    objective = NllObjective(p.model, p.adapter, scorer.settings)
+    with torch.inference_mode():
+        with LayerInputRecorder(p.adapter.layers(p.model)) as recorder:
+            p.adapter.decoder(p.model)(input_ids=ids, use_cache=False)
+        tails = [Tail(k, layer, recorder.inputs[layer], {}) for k, layer in enumerate(layers)]
+        alone, ran_alone = run_tails_one_by_one(p, recorder.kwargs, tails, plans, _keep_all)
+        # every candidate that kept a state past its own layer restarts from its deepest one
+        restarted = [
+            Tail(tail.candidate, max(kept), kept[max(kept)], kept) if kept else tail
+            for tail, (_, kept) in zip(tails, alone, strict=True)
+        ]
+        assert any(t.start > layers[t.candidate] for t in restarted)
+        for chunk in (1, 3, len(tails)):
+            for run in (tails, restarted):
+                joint, ran = run_tails_layer_major(
+                    p, recorder.kwargs, run, layers, plans, 2, chunk, _keep_all
+                )
+                for (normed, kept), (normed_lm, kept_lm), tail in zip(alone, joint, run, strict=True):
+                    assert torch.allclose(normed_lm, normed, rtol=1e-5, atol=1e-5)
+                    assert set(kept_lm) == {m for m in kept if m > tail.start}
+                    nll = objective.per_sequence(normed, ids)
+                    assert objective.per_sequence(normed_lm, ids) == pytest.approx(nll.tolist(), rel=1e-5)
+                if run is tails:
+                    assert ran == ran_alone
+
+
+def _keep_all(index: int) -> bool:
+    return True
+
+
+def test_repeated_call_arguments_stack_only_batch_leading_tensors():
+    batch = 2
+    kwargs = {
+        "mask": torch.zeros(batch, 1, 5, 5),
+        "rotary": (torch.ones(batch, 5, 8), torch.ones(batch, 5, 8)),
+        "cache_position": torch.arange(5),
+        "other": torch.zeros(1, 5),  # 2-D but not batch-leading
+        "flag": True,
+    }
+    out = repeat_batch(kwargs, 3, batch)
+    assert out["mask"].shape == (6, 1, 5, 5) and [r.shape for r in out["rotary"]] == [(6, 5, 8)] * 2
+    assert out["cache_position"] is kwargs["cache_position"] and out["other"] is kwargs["other"]
+    assert out["flag"] is True and isinstance(out["rotary"], tuple)
+    assert repeat_batch(kwargs, 1, batch) is kwargs
+
+
+def test_candidates_per_call_fill_the_budget_and_never_drop_to_zero(tiny_llama):
+    layout = PrunableModel.prepare(tiny_llama, weight_reorder=False).layout
+    shape = torch.Size([2, 16])
+    one_mb = 2 * 16 * activation_width(layout) * 4 / 2**20  # one candidate's widest activation, fp32
+    assert candidates_per_call(layout, shape, 4, 10 * one_mb) == 10
+    assert candidates_per_call(layout, shape, 4, 0.5 * one_mb) == 1
+    assert candidates_per_call(layout, shape, 2, 10 * one_mb) == 20  # half the bytes, twice the candidates

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from multipruner import PrunableModel, PruningPlan
+from multipruner.search.loop import initial_plan, run_search
+from multipruner.search.objective import LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search.racing import RaceSettings, exact_survivors, paired_survivors
-from multipruner.search.scoring import CalibrationScorer, LossSettings, full_forward_perplexity, ignored_label
-from multipruner.search.loop import STAGES, Candidate, SearchConfigError, SearchSettings, initial_plan, run_search
+from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.settings import SearchConfigError, SearchSettings
+from multipruner.search.stages import STAGES, Candidate
 
 
 def _calibration(vocab: int, n: int = 4, seqlen: int = 24, seed: int = 3) -> torch.Tensor:
@@ -168,8 +171,8 @@ def test_group_sizes_that_do_not_divide_the_width_follow_the_reference(tiny_llam
 
 def test_a_step_where_every_candidate_is_inf_or_nan_fails_clearly(tiny_llama, monkeypatch):
     """The reference then picks arbitrarily (and crashes later); we stop and say why."""
-    from multipruner.search.scoring import StepScores
     from multipruner.search.loop import SearchDivergedError
+    from multipruner.search.scoring import StepScores
 
     def diverged(self, plans, *args, **kwargs):
         n = len(plans)
@@ -225,7 +228,7 @@ def test_reference_ratio_accounting_keeps_removed_blocks_norms_and_stops_a_step_
 def test_cross_step_reuse_is_exact_and_saves_work(tiny_model):
     import dataclasses
 
-    from multipruner.search.scoring import LossSettings
+    from multipruner.search.objective import LossSettings
 
     tokens = _calibration(tiny_model.config.vocab_size, n=4, seqlen=16)
     runs = {}

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..search.calibration import draw_tokens
-from ..errors import UsageError
 from ..core.plan import PruningPlan
-from ..search.scoring import _LayerInputRecorder
-from ..settings import setting
 from ..core.surgery import PrunableModel
+from ..errors import UsageError
+from ..search.calibration import draw_tokens
+from ..search.recorder import LayerInputRecorder, layer_output
+from ..settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,6 @@ class Compensator:
         self, dense: PrunableModel, pruned: nn.Module, plan: PruningPlan, settings: CompensateSettings
     ):
         settings.validate()
-        plan.validate(dense.layout)
         self.dense, self.pruned, self.plan, self.settings = dense, pruned, plan, settings
         self.adapter = dense.adapter
         self.fits: list[BranchFit] = []
@@ -241,7 +240,7 @@ class Compensator:
                     span = self.removed_after(i, kind)
                     if span:
                         self._fold(kind, i, span, hidden, kwargs)
-            hidden = [_first(layers[i](h, **kw[i])) for h, kw in zip(hidden, kwargs, strict=True)]
+            hidden = [layer_output(layers[i](h, **kw[i])) for h, kw in zip(hidden, kwargs, strict=True)]
         return self.fits
 
     def _layer_inputs(self, batches):
@@ -249,11 +248,8 @@ class Compensator:
         a, pruned = self.adapter, self.pruned
         hidden, kwargs = [], []
         for ids in batches:
-            recorder = _LayerInputRecorder(a.layers(pruned))
-            try:
+            with LayerInputRecorder(a.layers(pruned)) as recorder:
                 a.decoder(pruned)(input_ids=ids, use_cache=False)
-            finally:
-                recorder.remove()
             hidden.append(recorder.inputs[0])
             kwargs.append(recorder.kwargs)
         return hidden, kwargs
@@ -296,7 +292,7 @@ class Compensator:
         names = self.adapter.branch(kind)
         x = getattr(dense_layer, names.norms[0])(residual)
         module = getattr(dense_layer, names.module)
-        out = _first(module(hidden_states=x, **kwargs)) if kind == "attention" else module(x)
+        out = layer_output(module(hidden_states=x, **kwargs)) if kind == "attention" else module(x)
         return residual + out
 
     def _fold(self, kind: str, i: int, span: list[tuple[int, str]], hidden, kwargs) -> None:
@@ -314,7 +310,7 @@ class Compensator:
             getattr(layer, names.norms[0]).register_forward_pre_hook(
                 lambda m, args: seen.__setitem__("residual", args[0])
             ),
-            branch.register_forward_hook(lambda m, args, out: seen.__setitem__("out", _first(out))),
+            branch.register_forward_hook(lambda m, args, out: seen.__setitem__("out", layer_output(out))),
         ]
         try:
             for h, kw in zip(hidden, kwargs, strict=True):
@@ -381,10 +377,6 @@ def compensation_summary(fits: list[BranchFit], settings: CompensateSettings, to
         "branches": len(fits),
         "error_ratio": after / before if before else 1.0,
     }
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 def compensate(

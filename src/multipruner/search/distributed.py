@@ -7,6 +7,9 @@ process from step to step, keeping its saved states), then all processes exchang
 losses. A step whose few candidates all sit on one process's layers runs there alone; such steps are
 the cheap ones. Every process then holds every score and makes the same choice; only rank 0 writes the run
 directory. On CPU the processes talk over gloo, on GPUs over NCCL (one GPU per process).
+
+The exchange writes into the step's state (step_state.py): :func:`share_batch` after each batch,
+:func:`share_exact` when a candidate's put-off LM heads are paid (head_bound.py).
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .step_state import StepState
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,30 @@ class Workers:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def owned(workers: Workers | None, members: Iterable[int], first_layers: Sequence[int]) -> list[int]:
+    """The candidates among ``members`` this process scores, in order (all of them without torchrun)."""
+    return [k for k in sorted(members) if workers is None or workers.owns(first_layers[k])]
+
+
+def share_batch(workers: Workers, state: StepState, b: int, mine: Sequence[int]) -> None:
+    """Every process ends batch ``b`` with every member's losses (or bounds, left pending)."""
+    for share in workers.all_gather({k: (state.lower[k][b].cpu(), b in state.nll[k]) for k in mine}):
+        for k, (lower, exact) in share.items():
+            state.lower[k][b] = lower
+            if exact:
+                state.nll[k][b] = lower
+            else:
+                state.pending.add(k)
+
+
+def share_exact(workers: Workers, state: StepState, k: int) -> None:
+    """Every process gets candidate k's exact losses from the process that paid its LM heads."""
+    for share in workers.all_gather({b: nll.cpu() for b, nll in state.nll[k].items()}):
+        for b, nll in share.items():
+            state.nll[k].setdefault(b, nll)
+            state.lower[k][b] = state.nll[k][b]
 
 
 def bind_device(device: torch.device) -> None:

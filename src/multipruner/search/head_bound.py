@@ -20,10 +20,17 @@ candidates are hard to tell apart. Measured on SmolLM2-135M (first block step, a
 candidates without their full LM head.
 
 Logit soft-capping (Gemma 2) makes ``z`` non-linear in ``h``; those models get no bound.
+
+Lazy LM heads, the strategy over a step's state (step_state.py) that uses the bound: while racing, each
+candidate's tail runs and its loss is only bounded (its final states kept, :func:`lazy_heads` decides
+whether they fit); the exact loss is paid (:func:`pay_heads`) for the leader, and at the end only for the
+candidates whose bound does not already lose to the best total found (:func:`settle`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import ArchitectureAdapter
+from .step_state import StepState
 
 
 @dataclass
@@ -108,3 +116,35 @@ class HeadBound:
             tail = chunk.log_tail + (chunk.tail_mean * (h - self.base_hidden[chunk.tokens])).sum(dim=1)
             bound[chunk.tokens] = torch.logaddexp(kept, tail)
         return bound - label_logit
+
+
+def lazy_heads(
+    racing: bool, top_k: int, budget_mb: float, candidates: int, state_values: int, dtype_bytes: int
+) -> bool:
+    """Whether a step bounds candidates' losses first and pays the full LM head only for those that may
+    win: racing on, and the final states of ``candidates`` (``state_values`` numbers each) within
+    ``budget_mb``. Under torchrun every process must decide alike: ``candidates`` is the largest share."""
+    if not racing or top_k <= 0:
+        return False
+    return candidates * state_values * dtype_bytes / 2**20 <= budget_mb
+
+
+def pay_heads(state: StepState, k: int, exact_loss: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """Candidate k's exact loss on every batch of this process whose LM head was put off
+    (``exact_loss(batch, final_states)``)."""
+    for b, normed in sorted(state.final_states[k].items()):
+        state.record_exact(k, b, exact_loss(b, normed))
+    state.final_states[k].clear()
+
+
+def settle(state: StepState, alive: set[int], finish: Callable[[int], None]) -> None:
+    """Exact totals (``finish``) for every candidate in ``alive`` that may still win, lowest bound first;
+    the others keep their bound (they are provably worse than the best total found)."""
+    best = min((state.partial_sum(k) for k in alive if k not in state.pending), default=math.inf)
+    for k in sorted(alive, key=lambda k: (state.lower_sum(k), k)):
+        if k not in state.pending:
+            continue
+        if best < math.inf and not state.may_win({k}, best):
+            break
+        finish(k)
+        best = min(best, state.partial_sum(k))

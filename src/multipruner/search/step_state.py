@@ -1,0 +1,77 @@
+"""What one search step knows about its candidates so far: per-sequence losses by batch, or lower bounds.
+
+The scorer's step loop (racing) reads it to decide who is scored next; the strategies that fill it
+(head_bound: lazy LM heads, distributed: the torchrun exchange) write it through the ``record_*``
+methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .racing import exact_survivors
+
+
+class StepState:
+    """Per-candidate losses of one step, by batch.
+
+    ``lower[k][b]``: candidate k's per-sequence loss on batch b, or a lower bound on it while only its tail
+    has run (``lazy``: the exact loss waits, with the final states in ``final_states``, until its LM head
+    is paid; the candidate is then in ``pending``). ``nll[k][b]``: the exact loss, once known.
+    """
+
+    def __init__(self, n_candidates: int, lazy: bool, weight_dtype: torch.dtype):
+        self.lazy = lazy
+        self.nll: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
+        self.lower: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
+        self.final_states: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
+        self.pending: set[int] = set()  # candidates with a bounded batch (every process knows them)
+        self.scored_here = 0  # candidate-batches this process ran
+        # bounds are rounded like the losses they bound: compare them with room for that
+        self.margin = 1e-5 if weight_dtype in (torch.float32, torch.float64) else 1e-3
+
+    def __len__(self) -> int:
+        return len(self.nll)
+
+    def record_exact(self, k: int, b: int, nll: torch.Tensor) -> None:
+        self.nll[k][b] = self.lower[k][b] = nll
+
+    def record_bound(self, k: int, b: int, lower: torch.Tensor, final_states: torch.Tensor) -> None:
+        """A lower bound on candidate k's loss on batch b; its final states wait for the LM head."""
+        self.lower[k][b] = lower
+        self.final_states[k][b] = final_states
+        self.pending.add(k)
+
+    def sequence_nll(self, k: int) -> torch.Tensor:
+        """Candidate k's exact per-sequence losses, in sequence order (empty while only bounded)."""
+        if not self.nll[k]:
+            return torch.empty(0)
+        return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])
+
+    def batches_run(self, k: int) -> int:
+        return len(self.lower[k])
+
+    def sequences_scored(self, k: int) -> int:
+        return sum(t.numel() for t in self.lower[k].values())
+
+    def exact_sequences(self, k: int) -> int:
+        return sum(t.numel() for t in self.nll[k].values())
+
+    def partial_sum(self, k: int) -> float:
+        # float64, in batch order: the same sum whichever rule reads it, so comparisons are consistent
+        return sum(self.nll[k][b].double().sum().item() for b in sorted(self.nll[k]))
+
+    def lower_sum(self, k: int) -> float:
+        """The loss so far, or a lower bound on it where a batch's LM head is still put off."""
+        return sum(self.lower[k][b].double().sum().item() for b in sorted(self.lower[k]))
+
+    def partial_ppl(self, k: int) -> float:
+        n = self.sequences_scored(k)
+        return math.exp(self.lower_sum(k) / n) if n else math.inf
+
+    def may_win(self, candidates, bound: float) -> set[int]:
+        """The candidates whose loss so far (or its lower bound) does not yet exceed a finished total."""
+        slack = self.margin * abs(bound) if self.lazy else 0.0
+        return exact_survivors({k: self.lower_sum(k) for k in candidates}, bound + slack)
