@@ -11,7 +11,7 @@ from conftest import extract_args, prune_args
 
 from multipruner import PrunableModel
 from multipruner.cli import main
-from multipruner.search.loop import SearchSettings
+from multipruner.search.settings import SearchSettings
 from multipruner.search.shortgpt import block_influence, run_shortgpt
 
 

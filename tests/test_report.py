@@ -1,4 +1,4 @@
-"""The run report, from run directories built with the run's own writers (and one written before them)."""
+"""The run report, from run directories built with the run's own writers, and from a run on a tiny model."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from multipruner.evaluation.results import EvalMeta, EvalResult, Metric
-from multipruner.evaluation.speed import SpeedResult, compare_speed
 from multipruner.core.layout import ModelLayout
 from multipruner.core.plan import PruningPlan
+from multipruner.evaluation.results import EvalMeta, EvalResult, Metric
+from multipruner.evaluation.speed import SpeedResult
+from multipruner.evaluation.speed_comparison import compare_speed
 from multipruner.report import load_run, write_report
 from multipruner.report.figures import plot_comparison, plot_structure, plot_trajectory
 from multipruner.run.run_dir import DenseRecord, ModelSource, RunDirectory, RunDirError, RunManifest
-from multipruner.search.loop import Candidate, StepRecord
+from multipruner.search.loop import StepRecord
+from multipruner.search.stages import Candidate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS, HEADS, HEAD_DIM, MLP = 8, 9, 64, 1536
@@ -187,20 +189,14 @@ def test_full_report_from_typed_run(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "no temp files left behind"
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["typed", "flat-file"])
-def test_eval_limit_is_not_a_task_row(tmp_path, flat):
+def test_eval_limit_is_not_a_task_row(tmp_path):
     """--eval-limit 2 once showed up as a fake "limit acc (%)" row."""
     _, plan = _write_typed_run(tmp_path)
     run = RunDirectory(tmp_path)
     for which, acc in (("dense", 0.5), ("pruned", 1.0)):
-        if flat:  # the pre-format file, with the limit as one more number among the tasks
-            data = {"limit": 2, "piqa": 100 * acc, "boolq": 50.0, "total_params": LAYOUT.dense_params()}
-            data["details"] = {"tasks": {"piqa": {"acc": acc, "n": 2}, "boolq": {"acc": 0.5, "n": 2}}}
-            run.eval_file(which).write_text(json.dumps(data))
-        else:
-            meta = EvalMeta(params=plan.num_params(LAYOUT), dense_params=LAYOUT.dense_params(), limit=2)
-            tasks = {"piqa": {"acc": Metric(acc, 0.5, 2)}, "boolq": {"acc": Metric(0.5, 0.5, 2)}}
-            EvalResult(meta, tasks).write(run.eval_file(which))
+        meta = EvalMeta(params=plan.num_params(LAYOUT), dense_params=LAYOUT.dense_params(), limit=2)
+        tasks = {"piqa": {"acc": Metric(acc, 0.5, 2)}, "boolq": {"acc": Metric(0.5, 0.5, 2)}}
+        EvalResult(meta, tasks).write(run.eval_file(which))
     text = write_report(tmp_path).read_text()
     rows = [row[0] for row in _rows(text, "Dense vs pruned")]
     assert not [label for label in rows if "limit" in label.lower()], rows
@@ -284,36 +280,43 @@ def test_plot_functions_take_typed_data():
     assert len(plot_comparison(None, None, {"decode_speedup": 1.1}).axes) == 1
 
 
-def test_old_format_run_still_reports(tmp_path):
-    flat_manifest = {
-        "model": "smollm2-135m",
-        "target_ratio": 10.0,
-        "distribution": [44, 52, 4],
-        "seqlen": 512,
-    }
-    (tmp_path / "run.json").write_text(json.dumps(flat_manifest))
-    steps, plan = _steps(reference_plans=True)
-    dense = {"step": -1, "stage": "dense", "ppl": 18.2, "ratio": 0.0, "params": LAYOUT.dense_params()}
-    unrecorded = ("skipped_batches", "total_batches", "bounded_batches")  # racing came later
-    records = [dense, *({k: v for k, v in s.to_dict().items() if k not in unrecorded} for s in steps)]
-    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plan.save(tmp_path / "plan.json", LAYOUT)
-    for which, ppl, piqa, norm in (("dense", 20.5, 66.0, 0.66), ("pruned", 21.6, 63.2, 0.632)):
-        flat = {
-            "ppl_wikitext2": ppl,
-            "piqa": piqa,
-            "total_params": LAYOUT.dense_params(),
-            "pruned_model_params": LAYOUT.dense_params() if which == "dense" else plan.num_params(LAYOUT),
-            "details": {"tasks": {"piqa": {"acc": 0.6, "acc_norm": norm, "n": 1000}}},
-        }
-        (tmp_path / f"eval_{which}.json").write_text(json.dumps(flat))
-    text = write_report(tmp_path).read_text()
-    rows = {row[0]: row[1:] for row in _rows(text, "Dense vs pruned")}
-    assert rows["WikiText-2 perplexity"] == ["20.50", "21.60", "1.054×"]
-    assert rows["PIQA acc_norm (%)"] == ["66.00", "63.20", "-2.80 pt"]  # no stderr recorded then
-    assert "- **Removed blocks:** attention [5]; MLP [6]" in text
-    assert "- **Racing:** —" in text
-    assert "width set:** — (dense)" in text  # old dense records had no width-set perplexity
-    steps_rows = _rows(text, "Search steps")
-    assert [row[2] for row in steps_rows[1:]] == CHOICE_TEXTS
-    _assert_png(tmp_path / "structure.png")
+def test_a_run_with_every_phase_reports_each_models_held_out_perplexity(
+    tiny_model_dir, calibration_txt, tmp_path
+):
+    """What the main job does (scripts/prune-default.sh), on a tiny model: the dense model and each saved
+    model evaluated on held-out text, shown side by side with the commands for the full numbers."""
+    from conftest import prune_args
+
+    from multipruner.cli import build_parser, main
+
+    run = tmp_path / "run"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(calibration_txt.read_text()[::-1])  # text the run did not calibrate on
+    phases = ["--extract", "--compensate", "--recover", "--recover-max-steps", "2", "--recover-seqlen", "16"]
+    phases += ["--recover-data", str(calibration_txt), "--max-steps", "3"]
+    evaluation = ["--do-eval", "--eval-tasks", str(held_out), "--eval-seqlen", "16"]
+    evaluation += ["--eval-max-windows", "3"]
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, *phases, *evaluation)) == 0
+    models = ("dense", "pruned", "compensated", "recovered")
+    results = {w: EvalResult.read(run / f"eval_{w}.json").tasks["held_out"]["ppl"] for w in models}
+    assert {m.n for m in results.values()} == {3}  # --eval-max-windows: a quick check
+    assert len({m.value for m in results.values()}) == 4  # four different models were measured
+    shown = {w: f"{m.value:.2f}" for w, m in results.items()}
+    text = (run / "report.md").read_text()
+
+    table = {row[0]: row[1:] for row in _rows(text, "Dense vs pruned")}
+    assert table["held_out perplexity"][:2] == [shown["dense"], shown["pruned"]]
+    section = "Winning back quality: pruned → compensated → recovered"
+    side_by_side = {row[0]: row[1:] for row in _rows(text, section)}
+    assert side_by_side["held_out perplexity"] == [shown[w] for w in models]
+    assert "Perplexities use windows of 16 tokens (held_out: 3 windows)." in text
+    assert "Zero-shot" not in text  # none ran, so no note on their example limit
+
+    commands = text.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    saved = [run / "model", run / "model-compensated", run / "model-recovered"]
+    assert commands == [
+        f"multipruner eval --model {m} --tasks wikitext2,ptb" for m in (tiny_model_dir, *saved)
+    ]
+    for command in commands:  # each is a command the CLI takes
+        args = build_parser().parse_args(command.split()[1:])
+        assert args.command == "eval" and args.tasks == ["wikitext2", "ptb"]

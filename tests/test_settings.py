@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from multipruner.cli_options import add_settings, settings_from_args
-from multipruner.search.loop import SearchSettings, parse_distribution
+from multipruner.search.settings import SearchSettings, parse_distribution
 from multipruner.settings import differences, from_dict, result_keys, setting, to_dict
 
 

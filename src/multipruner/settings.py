@@ -47,10 +47,6 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def fields_of(cls) -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(cls)
-
-
 def base_type(annotation: Any) -> tuple[Any, bool]:
     """``(type, optional)`` of a field annotation such as ``int | None`` or ``list[str]``."""
     if isinstance(annotation, str):

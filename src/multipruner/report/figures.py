@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-from ..evaluation.results import EvalResult
 from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
+from ..evaluation.results import EvalResult
 from ..run.run_dir import DenseRecord
 from ..search.loop import StepRecord
 from .run_data import (

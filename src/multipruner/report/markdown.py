@@ -7,9 +7,11 @@ shown as "—" rather than estimated.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Mapping
 
-from ..search.loop import Candidate, StepRecord
+from ..search.loop import StepRecord
+from ..search.stages import Candidate
 from ..tables import render_table
 from .run_data import (
     CALIBRATION_SETS,
@@ -26,6 +28,7 @@ from .run_data import (
 log = logging.getLogger(__name__)
 
 MISSING = "—"
+FULL_EVAL_TASKS = "wikitext2,ptb"  # the held-out texts of the papers' perplexity tables
 COMPARISON_HEADER = ("Metric", "Dense", "Pruned", "Pruned vs dense")
 STEPS_HEADER = ("Step", "Stage", "Choice", "Calib. PPL", "Ratio (%)", "Params")
 SPEED_ROWS = (  # label, SpeedResult field, compare_speed ratio
@@ -202,10 +205,10 @@ def _notes(run: RunData) -> list[str]:
     notes = ["Ratios are pruned / dense (×); accuracy changes are in percentage points (pt), ± one stderr."]
     result = run.eval_pruned or run.eval_dense
     meta = result.meta if result is not None else None
-    if meta is not None and meta.limit:
+    if meta is not None and meta.limit and accuracy_tasks(*(r for _, r in run.evaluations)):
         notes.append(f"Zero-shot accuracies are measured on the first {meta.limit} examples of each task.")
-    if meta is not None and meta.seqlen and perplexity_tasks(run.eval_dense, run.eval_pruned):
-        notes.append(f"Perplexities use windows of {meta.seqlen} tokens.")
+    if meta is not None and meta.seqlen and (windows := _windows_text(run)):
+        notes.append(f"Perplexities use windows of {meta.seqlen} tokens ({windows}).")
     if run.bench:
         some = next(iter(run.bench["models"].values()), {})
         notes.append(
@@ -214,6 +217,37 @@ def _notes(run: RunData) -> list[str]:
             f"memory method: {some.get('memory_method', '?')}."
         )
     return notes
+
+
+def _windows_text(run: RunData) -> str:
+    """How many windows each perplexity text was scored on, e.g. "WikiText-2: 8 windows"."""
+    results = [result for _, result in run.evaluations]
+    parts = []
+    for task in perplexity_tasks(*results):
+        counts = sorted({m.n for r in results if (m := metric_of(r, task, "ppl")) is not None and m.n})
+        if counts:
+            parts.append(f"{task_label(task)}: {'/'.join(map(str, counts))} windows")
+    return ", ".join(parts)
+
+
+def full_eval_commands(run: RunData) -> list[str]:
+    """One ``multipruner eval`` per model the run evaluated and can still name (its source, its saved
+    directories), on every window of WikiText-2 and PTB: the full numbers behind a run's quick check."""
+    models = [run.manifest.source.spec] if run.manifest is not None and run.eval_dense is not None else []
+    evaluated = {stage for stage, _ in run.stage_evals}
+    models += [str(path) for stage, path in run.saved_models if stage in evaluated]
+    return [f"multipruner eval --model {shlex.quote(m)} --tasks {FULL_EVAL_TASKS}" for m in models]
+
+
+def full_numbers_lines(run: RunData) -> list[str]:
+    commands = full_eval_commands(run)
+    if not commands or not any(r.perplexity_tasks() for _, r in run.evaluations):
+        return []
+    intro = (
+        "The perplexities above are a quick check on the windows noted; the full numbers (every window of "
+        "the test texts) come from:"
+    )
+    return [intro, "", "```sh", *commands, "```", ""]
 
 
 # --- search steps --------------------------------------------------------------------------------
@@ -274,6 +308,7 @@ def render_markdown(run: RunData, figures: Mapping[str, str]) -> str:
         header = ("Metric", "Dense", *(stage.capitalize() for stage, _ in run.stage_evals))
         parts += ["## Winning back quality: pruned → compensated → recovered", ""]
         parts += [render_table(header, stage_rows(run), markdown=True), ""]
+    parts += full_numbers_lines(run)
     if figures:
         parts += ["## Figures", ""]
         for name, caption in figures.items():

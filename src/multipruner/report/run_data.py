@@ -12,11 +12,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..core.layout import ModelLayout
 from ..core.plan import PlanError, PruningPlan
+from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
-from ..search.loop import STAGES, StepRecord
+from ..search.loop import StepRecord
+from ..search.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class RunData:
     bench: dict | None
     # every stage's evaluation that the run holds, in order (pruned, compensated, recovered)
     stage_evals: tuple[tuple[str, EvalResult], ...] = ()
+    # the model directories the run saved, in the same order
+    saved_models: tuple[tuple[str, Path], ...] = ()
 
     @property
     def dense_params(self) -> int | None:
@@ -161,6 +164,12 @@ class RunData:
         return sum(s.skipped_batches for s in self.steps), sum(s.bounded_batches for s in self.steps), total
 
     @property
+    def evaluations(self) -> tuple[tuple[str, EvalResult], ...]:
+        """Every evaluation the run holds: the dense model's, then each stage's."""
+        dense = (("dense", self.eval_dense),) if self.eval_dense is not None else ()
+        return dense + self.stage_evals
+
+    @property
     def head_dim(self) -> int | None:
         return self.layout.head_dim if self.layout else None
 
@@ -194,6 +203,9 @@ def load_run(run_dir: str | Path) -> RunData:
             for stage in MODEL_STAGES
             if (result := _eval(directory.eval_file(stage))) is not None
         ),
+        saved_models=tuple(
+            (stage, path) for stage in MODEL_STAGES if (path := directory.stage_dir(stage)).is_dir()
+        ),
     )
 
 
@@ -219,7 +231,7 @@ def _eval(path: Path) -> EvalResult | None:
 
 
 def _bench(path: Path) -> dict | None:
-    """bench.json is ``speed.compare_speed``'s dict; it has no reader of its own."""
+    """bench.json is ``speed_comparison.compare_speed``'s dict; it has no reader of its own."""
     if not path.is_file():
         return None
     try:

@@ -1,0 +1,2 @@
+"""A prune run as phases over one resumable run directory: search, compensate, extract, recover,
+evaluate, report."""

@@ -20,17 +20,21 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import UsageError
-from ..io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
 from ..core.layout import ModelLayout
 from ..core.plan import PlanError, PruningPlan
+from ..errors import UsageError
+from ..io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
+from ..model_sources import ModelSource
+from ..settings import differences, to_dict, unrecorded_values
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +48,6 @@ class RunDirError(UsageError):
     """A run directory that cannot be started, resumed or read as asked."""
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """The dense model a run started from: what the user gave and where it was found."""
-
-    spec: str
-    path: str | None = None  # local file or directory (a GGUF file for GGUF models); None for a hub id
-
-    def to_dict(self) -> dict:
-        return {"spec": self.spec, "path": self.path}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelSource:
-        return cls(data["spec"], data.get("path"))
-
-    def loadable(self) -> str:
-        """What to pass to ``load_model`` to get this model back (the spec if it still resolves)."""
-        if self.path and Path(self.path).exists():
-            return self.path
-        return self.spec
-
-
 @dataclass
 class RunManifest:
     """``run.json``: what the run is (source, settings per phase) and which phases are finished."""
@@ -72,11 +55,10 @@ class RunManifest:
     source: ModelSource
     settings: dict[str, dict]  # phase or group name -> settings.to_dict(...)
     phases: dict[str, dict] = field(default_factory=dict)  # finished phase -> {"wall_s": ...}
-    format: str = RUN_FORMAT
 
     def to_dict(self) -> dict:
         return {
-            "format": self.format,
+            "format": RUN_FORMAT,
             "source": self.source.to_dict(),
             "settings": self.settings,
             "phases": self.phases,
@@ -84,8 +66,11 @@ class RunManifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: Path) -> RunManifest:
-        if "format" not in data:
-            return cls.from_legacy(data)
+        if "format" not in data:  # one flat dict of settings: written before format 2
+            raise RunDirError(
+                f"{where} is from a multipruner older than {RUN_FORMAT}, which this one cannot resume or "
+                "report: rerun the prune without --resume into a new directory"
+            )
         if data["format"] != RUN_FORMAT:
             raise RunDirError(
                 f"{where} has run format {data['format']!r}; this multipruner reads {RUN_FORMAT!r}"
@@ -94,31 +79,6 @@ class RunManifest:
             return cls(ModelSource.from_dict(data["source"]), data["settings"], data.get("phases", {}))
         except (KeyError, TypeError) as err:
             raise RunDirError(f"{where} is not a valid run manifest ({err!r})") from err
-
-    @classmethod
-    def from_legacy(cls, flat: dict) -> RunManifest:
-        """A run.json written before format 2 (one flat dict of PruneJob fields)."""
-        groups = {
-            "model": ("model", "dtype"),
-            "calibration": (
-                "calibration_dataset",
-                "num_calibration_samples_block",
-                "num_calibration_samples_width",
-                "seqlen",
-                "seed",
-                "batch_size",
-            ),
-            "search": (
-                "target_ratio",
-                "distribution",
-                "mlp_group_size",
-                "attention_group_size",
-                "weight_reorder",
-            ),
-        }
-        # keys it lacks take today's defaults (the old search scored every candidate: exact racing's choices)
-        settings = {group: {k: flat[k] for k in keys if k in flat} for group, keys in groups.items()}
-        return cls(ModelSource(str(flat.get("model"))), settings, {}, format="legacy")
 
 
 @dataclass(frozen=True)
@@ -138,6 +98,12 @@ class DenseRecord:
         return cls(
             float(data["ppl"]), data.get("ppl_width"), int(data.get("params", 0)), data.get("elapsed_s", 0.0)
         )
+
+
+def _as_run(cls, stored: dict | None) -> dict:
+    """A group's settings as the stored run had them: a field it does not record (it predates the field)
+    had the behaviour of its ``until_recorded`` value, else of its default."""
+    return {**to_dict(cls()), **unrecorded_values(cls), **(stored or {})}
 
 
 def _is_dense(record: dict) -> bool:
@@ -177,6 +143,41 @@ class RunDirectory:
     def write_manifest(self, manifest: RunManifest) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.manifest_file, json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+    def check_start(self, resume: bool) -> None:
+        """Refuse to start over a run without --resume, to resume a directory that holds no run, or to
+        resume a run this version cannot read."""
+        if not self.exists():
+            if resume and self.holds_other_files():
+                raise RunDirError(
+                    f"--resume: {self.path} is not a multipruner run (no run.json); choose the run's directory"
+                )
+            return
+        if not resume:
+            raise RunDirError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose another output"
+            )
+        self.manifest()
+
+    def start_or_resume(self, resume: bool, source: ModelSource, settings: Mapping[str, Any]) -> None:
+        """Write run.json for a new run, or check a resumed run's settings against the stored ones.
+
+        ``settings``: group name -> settings dataclass, for the groups that decide the plan; a resumed run
+        must keep their result-changing fields. Called with the directory locked: the check is final.
+        """
+        self.check_start(resume)
+        if not self.exists():
+            self.reset_steps()  # steps without a manifest: a run killed before it started
+            self.write_manifest(RunManifest(source, {name: to_dict(s) for name, s in settings.items()}))
+            return
+        stored = self.manifest().settings
+        changed = [
+            difference
+            for name, current in settings.items()
+            for difference in differences(type(current), _as_run(type(current), stored.get(name)), current)
+        ]
+        if changed:
+            raise RunDirError(f"cannot resume {self.path}: settings differ ({'; '.join(changed)})")
 
     def mark_done(self, phase: str, **facts) -> None:
         manifest = self.manifest()

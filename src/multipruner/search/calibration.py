@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from ..data import DOC_SEPARATOR, DataSourceError, load_texts, tokenize
+from ..data import check_local_source, load_texts, tokenize
 from ..errors import listing
 from ..settings import setting
+from ..text_files import DOC_SEPARATOR, DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ class SetSize:
 
     tokens: int | None = None
     samples: int | None = None
-
-    def describe(self) -> str:
-        return f"{self.samples} samples" if self.samples is not None else f"{self.tokens} tokens"
 
 
 def sample_and_tokenize(
@@ -155,6 +153,13 @@ def resolve_source(source: str) -> list[tuple[str, str]]:
 # Chosen by measurement on held-out text (docs/quality.md): encyclopaedic, news and instruction text, never
 # an evaluation split.
 DEFAULT_SOURCE = "wikitext2+ptb+piqa"
+
+
+def check_source(source: str) -> None:
+    """Refuse, before any model loads, a source whose local files cannot give text (see
+    :func:`multipruner.data.check_local_source`) or a part that is neither a known name nor a file."""
+    for name, split in resolve_source(source):
+        check_local_source(name, split=split)
 
 
 def _source_texts(name: str, split: str) -> list[str]:
@@ -343,6 +348,10 @@ class CalibrationSettings:
                     )
         if bad:
             raise DataSourceError(listing("invalid calibration settings", bad))
+
+    def check_source(self) -> None:
+        """The calibration text is there and readable (before the model loads; see :func:`check_source`)."""
+        check_source(self.calibration_dataset)
 
     def build(self, tokenizer: Any) -> dict[str, torch.LongTensor]:
         block, width = self.set_sizes()

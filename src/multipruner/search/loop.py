@@ -16,282 +16,21 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from ..errors import UsageError, listing
+from ..core.importance import ChannelOrder
 from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
-from .racing import RACE_MODES, RaceSettings
-from ..core.reorder import CHANNEL_IMPORTANCE, ChannelOrder
-from .scoring import CalibrationScorer
-from ..settings import setting
 from ..core.surgery import PrunableModel
+from ..errors import UsageError
+from .cost import ParamsCost
+from .scoring import CalibrationScorer
+from .settings import SearchSettings
+from .stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
-RATIO_ACCOUNTING = ("exact", "reference")
-
-
 class SearchDivergedError(UsageError):
     """A step cannot choose: every candidate scored an infinite or NaN perplexity."""
-
-
-class SearchConfigError(UsageError):
-    """Search settings that cannot work for this model."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    kind: str  # "attention" | "mlp" | "layer" (both blocks of one layer, --whole-layers)
-    op: str  # "remove" | "shrink"
-    layer: int
-    width: int | None = None
-
-    def apply(self, plan: PruningPlan) -> PruningPlan:
-        if self.kind == "layer":
-            return plan.without_block("attention", self.layer).without_block("mlp", self.layer)
-        if self.op == "remove":
-            return plan.without_block(self.kind, self.layer)
-        return plan.with_width(self.kind, self.layer, self.width)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "op": self.op, "layer": self.layer, "width": self.width}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Candidate:
-        return cls(data["kind"], data["op"], int(data["layer"]), data.get("width"))
-
-
-def parse_distribution(text: str) -> tuple[float, float, float]:
-    """``a:b:c`` shares of the ratio for blocks, MLP channels and attention heads (e.g. ``44:52:4``)."""
-    try:
-        values = tuple(float(p) for p in text.split(":"))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(
-            f"pruning distribution must be three non-negative numbers a:b:c with a positive sum "
-            f"(e.g. 44:52:4), got {text!r}"
-        )
-    return values
-
-
-METHODS = ("multipruner", "blockpruner", "shortgpt")
-DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    method: str = setting(
-        "multipruner",
-        help="multipruner: blocks, then MLP channels, then attention heads (the paper); blockpruner: "
-        "attention/MLP blocks only (distribution 100:0:0); shortgpt: whole layers with the lowest Block "
-        "Influence, in one shot",
-        choices=METHODS,
-    )
-    target_ratio: float = setting(
-        10.0, help="target pruning ratio, percent of all parameters", aliases=("--target_ratio",)
-    )
-    distribution: tuple[float, float, float] | None = setting(
-        None,
-        help="share of the ratio for blocks:MLP channels:attention heads "
-        "(default: 44:52:4 for multipruner, 100:0:0 for blockpruner; shortgpt takes none)",
-        aliases=("--pruning_distribution",),
-        parse=parse_distribution,
-    )
-    mlp_group_size: int | None = setting(
-        None,
-        help="MLP channels removed per width step (default: the divisor of the MLP width nearest width/12)",
-        aliases=("--mlp_channel_group_size",),
-    )
-    attention_group_size: int | None = setting(
-        None,
-        help="query channels removed per attention step, whole KV groups (default: one KV group)",
-        aliases=("--attn_channel_group_size", "--attn-group-size"),
-    )
-    weight_reorder: bool = setting(
-        True, help="reorder channels by importance before the search", aliases=("--weight_reorder",)
-    )
-    channel_importance: str = setting(
-        "activations",
-        help="what orders the channels a width step drops: activations, each channel's contribution to "
-        "its branch output on the calibration sets (not in the paper; the plan stores the permutation; "
-        "held-out WikiText-2 perplexity 15 percent lower on SmolLM2 at 10 percent, docs/quality.md); "
-        "l1, the weights' L1 norms (the paper's)",
-        choices=CHANNEL_IMPORTANCE,
-        until_recorded="l1",  # runs made before the setting ordered by L1: they resume that way
-    )
-    ratio_accounting: str = setting(
-        "exact",
-        help="exact: a removed block's norms leave with it (the saved model's real size); reference: they "
-        "stay counted, as in the authors' code (reproduces where its stages stop)",
-        choices=RATIO_ACCOUNTING,
-    )
-    whole_layers: bool = setting(
-        False,
-        help="the block stage also offers each whole layer (its attention and MLP blocks together) as one "
-        "step, the move ShortGPT makes and single-block steps cannot reach (not in the paper)",
-    )
-    search: str = setting(
-        "exact",
-        help="exact: drop candidates that provably cannot win (same plan as scoring all); "
-        "fast: also drop those a paired test shows worse; off: score every candidate on every batch",
-        choices=RACE_MODES,
-    )
-    layer_major_mb: float = setting(
-        0.0,
-        help="layer-major scoring: candidates past their own layer go through each later layer in one call, "
-        "up to this many MB of activations (0: one candidate at a time; the same scores either way; "
-        "slower on CPU, meant for GPUs)",
-        affects_result=False,
-    )
-    max_steps: int | None = setting(
-        None,
-        help="stop after this many search steps (resume later)",
-        affects_result=False,
-        aliases=("--max_steps",),
-    )
-
-    def __post_init__(self):
-        if self.distribution is None and self.method in DEFAULT_DISTRIBUTION:
-            object.__setattr__(self, "distribution", DEFAULT_DISTRIBUTION[self.method])
-        elif self.distribution is not None:
-            object.__setattr__(self, "distribution", tuple(float(d) for d in self.distribution))
-
-    @property
-    def orders_by_activations(self) -> bool:
-        """Channels are ordered by data, so the order waits for the calibration sets."""
-        return self.weight_reorder and self.channel_importance == "activations"
-
-    @property
-    def race(self) -> RaceSettings:
-        return RaceSettings(mode=self.search)
-
-    def resolved(self, layout: ModelLayout) -> SearchSettings:
-        """These settings with the model-dependent defaults filled in, checked against ``layout``."""
-        settings = replace(
-            self,
-            mlp_group_size=self.mlp_group_size or default_mlp_group_size(layout.mlp_width),
-            attention_group_size=self.attention_group_size or layout.heads.unit_channels,
-        )
-        settings.validate(layout)
-        return settings
-
-    def stage_targets(self) -> tuple[float, float, float]:
-        total = sum(self.distribution)
-        a, b, _ = (d / total for d in self.distribution)
-        t = self.target_ratio
-        return (t * a, t * (a + b), t)
-
-    def validate_ratio(self) -> None:
-        """The checks that need no model: ratio, distribution, step limit, group sizes given."""
-        problems = self._problems_without_model()
-        if problems:
-            raise SearchConfigError(listing("invalid search settings", problems))
-
-    def _problems_without_model(self) -> list[str]:
-        problems = []
-        if not 0 < self.target_ratio < 100:
-            problems.append(f"target ratio must be in (0, 100) percent, got {self.target_ratio}")
-        if self.layer_major_mb < 0:
-            problems.append(
-                f"--layer-major-mb must be 0 (off) or a positive budget, got {self.layer_major_mb}"
-            )
-        if self.method not in METHODS:
-            problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-            return problems
-        if self.method == "shortgpt":
-            if self.distribution is not None:
-                problems.append("--method shortgpt removes whole layers in one shot: drop --distribution")
-            return problems
-        if self.method == "blockpruner" and self.distribution[1:] != (0.0, 0.0):
-            problems.append(
-                f"--method blockpruner removes blocks only (distribution 100:0:0), not "
-                f"{':'.join(f'{d:g}' for d in self.distribution)}: drop --distribution, or use --method multipruner"
-            )
-        if (
-            len(self.distribution) != 3
-            or any(d < 0 for d in self.distribution)
-            or sum(self.distribution) <= 0
-        ):
-            problems.append(
-                f"distribution must be three non-negative numbers with a positive sum, got {self.distribution}"
-            )
-        for flag, size in (
-            ("--mlp-group-size", self.mlp_group_size),
-            ("--attention-group-size", self.attention_group_size),
-        ):
-            if size is not None and size <= 0:
-                problems.append(f"{flag} must be positive, got {size}")
-        if self.max_steps is not None and self.max_steps < 0:
-            problems.append(f"--max-steps must be 0 or more, got {self.max_steps}")
-        return problems
-
-    def validate(self, layout: ModelLayout) -> None:
-        problems = self._problems_without_model()
-        # A group need not divide the width (the reference's published commands use such sizes): a width
-        # shrinks by the group while something remains, e.g. 18944 by 1024 down to 512.
-        for flag, g, full in (
-            ("--mlp-group-size", self.mlp_group_size, layout.mlp_width),
-            ("--attention-group-size", self.attention_group_size, layout.attention_width),
-        ):
-            if g is not None and g >= full:
-                problems.append(f"{flag} {g} leaves nothing of the width {full}: choose a smaller group")
-        unit = layout.heads.unit_channels
-        g = self.attention_group_size or 0
-        if g > 0 and g % unit:
-            problems.append(
-                f"attention channel group size {g} must be a multiple of {unit} "
-                f"({layout.heads.q_heads_per_unit} query heads x head_dim {layout.head_dim}: whole KV groups)"
-            )
-        if problems:
-            raise SearchConfigError(listing("invalid search settings", problems))
-
-
-def default_mlp_group_size(width: int) -> int:
-    """The divisor of ``width`` nearest to width/12 (the authors use ~1/11-1/14 of the MLP width)."""
-    divisors = [d for d in range(1, width + 1) if width % d == 0]
-    return min(divisors, key=lambda d: (abs(d - width / 12), -d))
-
-
-# --- stages: candidate generators ------------------------------------------------------
-def block_candidates(plan: PruningPlan, settings: SearchSettings) -> list[Candidate]:
-    out = []
-    kept_attention = plan.num_layers - len(plan.removed_attention)
-    for kind in ("attention", "mlp"):
-        for i in range(plan.num_layers):
-            if i in plan.removed(kind) or (kind == "attention" and kept_attention <= 1):
-                continue  # a model needs one attention block to stay a sequence model
-            out.append(Candidate(kind, "remove", i))
-    if settings.whole_layers and kept_attention > 1:
-        either_removed = plan.removed_attention | plan.removed_mlp
-        out.extend(Candidate("layer", "remove", i) for i in range(plan.num_layers) if i not in either_removed)
-    return out
-
-
-def width_candidates(kind: str) -> Callable[[PruningPlan, SearchSettings], list[Candidate]]:
-    def generate(plan: PruningPlan, settings: SearchSettings) -> list[Candidate]:
-        group = settings.mlp_group_size if kind == "mlp" else settings.attention_group_size
-        return [
-            Candidate(kind, "shrink", i, w - group)
-            for i, w in enumerate(plan.width(kind))
-            if i not in plan.removed(kind) and w - group > 0
-        ]
-
-    return generate
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    calibration: str  # key of the calibration set: "block" or "width"
-    candidates: Callable[[PruningPlan, SearchSettings], list[Candidate]]
-
-
-STAGES = (
-    Stage("block", "block", block_candidates),
-    Stage("mlp_width", "width", width_candidates("mlp")),
-    Stage("attn_width", "width", width_candidates("attention")),
-)
 
 
 @dataclass(frozen=True)
@@ -337,13 +76,9 @@ def plan_from_record(
     settings: SearchSettings,
     channel_order: ChannelOrder | None = None,
 ) -> PruningPlan:
-    """The plan a step record ended with (records of runs before format 2 hold the reference format)."""
+    """The plan a step record ended with, on the run's channel order (the records do not repeat it)."""
     base = initial_plan(layout, settings, channel_order)
-    data = record.plan
-    if "format" in data:
-        stored = PruningPlan.from_dict(data)
-    else:
-        stored = PruningPlan.from_reference(data, layout, weight_reorder=settings.weight_reorder)
+    stored = PruningPlan.from_dict(record.plan)
     return replace(
         base,
         removed_attention=stored.removed_attention,
@@ -377,8 +112,9 @@ def run_search(
     prunable.apply(plan)
     step = len(done_steps)
     targets = settings.stage_targets()
+    cost = ParamsCost(layout, settings.ratio_accounting)
     for stage, target in zip(STAGES, targets, strict=True):
-        while plan.ratio(layout, settings.ratio_accounting) < target:
+        while cost.reduction(plan) < target:
             if settings.max_steps is not None and step >= settings.max_steps:
                 log.info("stopping after --max-steps %d", settings.max_steps)
                 return plan

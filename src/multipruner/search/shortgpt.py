@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.plan import PruningPlan
-from .loop import SearchSettings, StepRecord, initial_plan
 from ..core.surgery import PrunableModel
+from .loop import StepRecord, initial_plan
+from .settings import SearchSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,206 @@
+"""The search's settings: method, ratio and its split, group sizes, channel order, racing; each checked
+when built (what needs no model) and against a model's layout (``resolved``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..core.importance import CHANNEL_IMPORTANCE
+from ..core.layout import ModelLayout
+from ..errors import UsageError, listing
+from ..settings import setting
+from .racing import RACE_MODES, RaceSettings
+
+RATIO_ACCOUNTING = ("exact", "reference")
+
+
+class SearchConfigError(UsageError):
+    """Search settings that cannot work for this model."""
+
+
+def distribution_problem(values: tuple, given: object = None) -> str | None:
+    """The one check of a distribution (flag text and settings alike): three non-negative shares with a
+    positive sum. ``given``: what to show, when not ``values`` (the flag's text)."""
+    if len(values) == 3 and not any(v < 0 for v in values) and not sum(values) <= 0:
+        return None
+    return (
+        "pruning distribution must be three non-negative numbers a:b:c with a positive sum "
+        f"(e.g. 44:52:4), got {values if given is None else given!r}"
+    )
+
+
+def parse_distribution(text: str) -> tuple[float, float, float]:
+    """``a:b:c`` shares of the ratio for blocks, MLP channels and attention heads (e.g. ``44:52:4``)."""
+    try:
+        values = tuple(float(p) for p in text.split(":"))
+    except ValueError:
+        values = ()
+    if problem := distribution_problem(values, text):
+        raise ValueError(problem)
+    return values
+
+
+METHODS = ("multipruner", "blockpruner", "shortgpt")
+DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    method: str = setting(
+        "multipruner",
+        help="multipruner: blocks, then MLP channels, then attention heads (the paper); blockpruner: "
+        "attention/MLP blocks only (distribution 100:0:0); shortgpt: whole layers with the lowest Block "
+        "Influence, in one shot",
+        choices=METHODS,
+    )
+    target_ratio: float = setting(
+        10.0, help="target pruning ratio, percent of all parameters", aliases=("--target_ratio",)
+    )
+    distribution: tuple[float, float, float] | None = setting(
+        None,
+        help="share of the ratio for blocks:MLP channels:attention heads "
+        "(default: 44:52:4 for multipruner, 100:0:0 for blockpruner; shortgpt takes none)",
+        aliases=("--pruning_distribution",),
+        parse=parse_distribution,
+    )
+    mlp_group_size: int | None = setting(
+        None,
+        help="MLP channels removed per width step (default: the divisor of the MLP width nearest width/12)",
+        aliases=("--mlp_channel_group_size",),
+    )
+    attention_group_size: int | None = setting(
+        None,
+        help="query channels removed per attention step, whole KV groups (default: one KV group)",
+        aliases=("--attn_channel_group_size", "--attn-group-size"),
+    )
+    weight_reorder: bool = setting(
+        True, help="reorder channels by importance before the search", aliases=("--weight_reorder",)
+    )
+    channel_importance: str = setting(
+        "activations",
+        help="what orders the channels a width step drops: activations, each channel's contribution to "
+        "its branch output on the calibration sets (not in the paper; the plan stores the permutation; "
+        "held-out WikiText-2 perplexity 15 percent lower on SmolLM2 at 10 percent, docs/quality.md); "
+        "l1, the weights' L1 norms (the paper's)",
+        choices=tuple(CHANNEL_IMPORTANCE),
+        until_recorded="l1",  # runs made before the setting ordered by L1: they resume that way
+    )
+    ratio_accounting: str = setting(
+        "exact",
+        help="exact: a removed block's norms leave with it (the saved model's real size); reference: they "
+        "stay counted, as in the authors' code (reproduces where its stages stop)",
+        choices=RATIO_ACCOUNTING,
+    )
+    whole_layers: bool = setting(
+        False,
+        help="the block stage also offers each whole layer (its attention and MLP blocks together) as one "
+        "step, the move ShortGPT makes and single-block steps cannot reach (not in the paper)",
+    )
+    search: str = setting(
+        "exact",
+        help="exact: drop candidates that provably cannot win (same plan as scoring all); "
+        "fast: also drop those a paired test shows worse; off: score every candidate on every batch",
+        choices=RACE_MODES,
+    )
+    layer_major_mb: float = setting(
+        0.0,
+        help="layer-major scoring: candidates past their own layer go through each later layer in one call, "
+        "up to this many MB of activations (0: one candidate at a time; the same scores either way; "
+        "slower on CPU, meant for GPUs)",
+        affects_result=False,
+    )
+    max_steps: int | None = setting(
+        None,
+        help="stop after this many search steps (resume later)",
+        affects_result=False,
+        aliases=("--max_steps",),
+    )
+
+    def __post_init__(self):
+        if self.distribution is None and self.method in DEFAULT_DISTRIBUTION:
+            object.__setattr__(self, "distribution", DEFAULT_DISTRIBUTION[self.method])
+        elif self.distribution is not None:
+            object.__setattr__(self, "distribution", tuple(float(d) for d in self.distribution))
+        # settings that cannot work are refused when built; the checks that need the model: validate()
+        if problems := self._problems_without_model():
+            raise SearchConfigError(listing("invalid search settings", problems))
+
+    @property
+    def orders_by_activations(self) -> bool:
+        """Channels are ordered by data, so the order waits for the calibration sets."""
+        return self.weight_reorder and CHANNEL_IMPORTANCE[self.channel_importance].needs_calibration
+
+    @property
+    def race(self) -> RaceSettings:
+        return RaceSettings(mode=self.search)
+
+    def resolved(self, layout: ModelLayout) -> SearchSettings:
+        """These settings with the model-dependent defaults filled in, checked against ``layout``."""
+        settings = replace(
+            self,
+            mlp_group_size=self.mlp_group_size or default_mlp_group_size(layout.mlp_width),
+            attention_group_size=self.attention_group_size or layout.heads.unit_channels,
+        )
+        settings.validate(layout)
+        return settings
+
+    def stage_targets(self) -> tuple[float, float, float]:
+        total = sum(self.distribution)
+        a, b, _ = (d / total for d in self.distribution)
+        t = self.target_ratio
+        return (t * a, t * (a + b), t)
+
+    def _problems_without_model(self) -> list[str]:
+        """Ratio, method, distribution, step limit, group sizes given (run when the settings are built)."""
+        problems = []
+        if not 0 < self.target_ratio < 100:
+            problems.append(f"target ratio must be in (0, 100) percent, got {self.target_ratio}")
+        if self.layer_major_mb < 0:
+            problems.append(
+                f"--layer-major-mb must be 0 (off) or a positive budget, got {self.layer_major_mb}"
+            )
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            return problems
+        if self.method == "shortgpt":
+            if self.distribution is not None:
+                problems.append("--method shortgpt removes whole layers in one shot: drop --distribution")
+            return problems
+        if self.method == "blockpruner" and self.distribution[1:] != (0.0, 0.0):
+            problems.append(
+                f"--method blockpruner removes blocks only (distribution 100:0:0), not "
+                f"{':'.join(f'{d:g}' for d in self.distribution)}: drop --distribution, or use --method multipruner"
+            )
+        if problem := distribution_problem(self.distribution):
+            problems.append(problem)
+        for flag, size in (
+            ("--mlp-group-size", self.mlp_group_size),
+            ("--attention-group-size", self.attention_group_size),
+        ):
+            if size is not None and size <= 0:
+                problems.append(f"{flag} must be positive, got {size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            problems.append(f"--max-steps must be 0 or more, got {self.max_steps}")
+        return problems
+
+    def validate(self, layout: ModelLayout) -> None:
+        """The checks against the model (those without it ran when the settings were built)."""
+        problems = []
+        # A group need not divide the width (the reference's published commands use such sizes): a width
+        # shrinks by the group while something remains, e.g. 18944 by 1024 down to 512.
+        for flag, g, full in (
+            ("--mlp-group-size", self.mlp_group_size, layout.mlp_width),
+            ("--attention-group-size", self.attention_group_size, layout.attention_width),
+        ):
+            if g is not None and g >= full:
+                problems.append(f"{flag} {g} leaves nothing of the width {full}: choose a smaller group")
+        if problem := layout.heads.attention_group_problem(self.attention_group_size):
+            problems.append(problem)
+        if problems:
+            raise SearchConfigError(listing("invalid search settings", problems))
+
+
+def default_mlp_group_size(width: int) -> int:
+    """The divisor of ``width`` nearest to width/12 (the authors use ~1/11-1/14 of the MLP width)."""
+    divisors = [d for d in range(1, width + 1) if width % d == 0]
+    return min(divisors, key=lambda d: (abs(d - width / 12), -d))
