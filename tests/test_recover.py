@@ -13,8 +13,15 @@ import torch
 from conftest import extract_args, rel_err
 
 from multipruner.cli import main
+from multipruner.core.adapters import adapter_for
 from multipruner.core.checkpoint import load_pruned
-from multipruner.repair.recover import RecoverSettings, Recovery, RecoveryError, training_tokens
+from multipruner.repair.recover import (
+    RecoverSettings,
+    Recovery,
+    RecoveryError,
+    default_targets,
+    training_tokens,
+)
 
 
 @pytest.fixture
@@ -75,9 +82,13 @@ def test_recover_command_saves_a_plain_model_and_keeps_the_adapter(
     ).exists()
     model, _ = load_pruned(out)  # no peft involved
     plain, _ = load_pruned(pruned_dir)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
-    ids = torch.tensor([[3, 4, 5, 6]])
-    assert not torch.equal(model(ids).logits, plain(ids).logits)
+    recovered, before = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert recovered.keys() == before.keys()
+    # the adapter, merged, changed exactly the weights of the linears LoRA targets, and nothing else
+    targets = tuple(f"{name}.weight" for name in default_targets(adapter_for(plain)))
+    changed = {name for name in before if not torch.equal(recovered[name], before[name])}
+    targeted = {name for name in before if name.endswith(targets)}
+    assert targeted and changed == targeted
     recovery = json.loads((out / "multipruner_plan.json").read_text())["meta"]["recovery"]
     assert recovery["steps"] == 4 and recovery["settings"]["r"] == 16
     assert main(args) == 2  # exists: refused without --overwrite

@@ -10,14 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from multipruner.evaluation.speed import (
-    SpeedResult,
-    compare_speed,
-    directory_size_mb,
-    format_speed_table,
-    measure_side_by_side,
-    measure_speed,
-)
+from multipruner.evaluation.model_size import directory_size_mb
+from multipruner.evaluation.speed import SpeedResult, measure_side_by_side, measure_speed
+from multipruner.evaluation.speed_comparison import compare_speed, format_speed_table
 
 FAST = {"seqlen": 16, "new_tokens": 3, "repeats": 2, "warmup": 1}
 

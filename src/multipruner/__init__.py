@@ -3,10 +3,10 @@
 from .core.checkpoint import load_pruned, save_pruned
 from .core.extract import extract
 from .core.layout import ModelLayout, layout_of
-from .models import load_model
 from .core.plan import PlanError, PruningPlan, load_plan
 from .core.reorder import reorder_weights
 from .core.surgery import PrunableModel
+from .models import load_model
 
 __version__ = "0.1.0"
 

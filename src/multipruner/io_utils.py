@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a reader (or a resumed run) never sees a half-written result."""
+"""Output files and directories: checked before any work, then written atomically, so a reader (or a resumed
+run) never sees a half-written result."""
 
 from __future__ import annotations
 
@@ -8,6 +9,46 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UsageError
+
+
+class OutputPathError(UsageError):
+    """An output that could not be written, or that exists and may not be replaced."""
+
+
+def check_output(
+    path: str | Path,
+    *,
+    directory: bool = False,
+    overwrite: bool = True,
+    flag: str = "--output",
+    example: str = "output.json",
+) -> None:
+    """Refuse, before any work, an output that could not be written: a directory where a file goes (or a file
+    where a directory goes), an existing output without ``overwrite``, or a place that is not writable.
+
+    ``flag`` names the option in messages; ``example`` is a file name suggested when a directory is given.
+    """
+    target = Path(path)
+    if not directory and target.is_dir():
+        raise OutputPathError(f"{flag} {target} is a directory; give a file name such as {target / example}")
+    if directory and target.exists() and not target.is_dir():
+        raise OutputPathError(f"{flag} {target} is a file; it must be a directory: choose another {flag}")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"{flag} {target} already exists; pass --overwrite to replace it")
+    # the nearest existing place must take new entries: an output directory that exists (a resumed run
+    # writes into it), else the nearest folder above (where the output, or the folders to it, will be made)
+    start = target.absolute() if directory else target.absolute().parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputPathError(
+            f"{flag} {target}: {existing} is a file, not a directory: choose another {flag}"
+        )
+    if not os.access(existing, os.W_OK):
+        raise OutputPathError(
+            f"{flag} {target} is not writable ({existing} is read-only): choose another {flag}"
+        )
 
 
 def _atomic_write(path: Path, data: str | bytes, mode: str) -> None:
@@ -78,8 +119,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     looks complete.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"output directory {target} already exists (pass overwrite to replace it)")
+    check_output(target, directory=True, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))

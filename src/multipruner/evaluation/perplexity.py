@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapters import adapter_for
 from ..errors import UsageError
-from ..search.scoring import LossSettings, perplexity_from_nll, sequence_nll
+from ..search.objective import LossSettings, perplexity_from_nll, sequence_nll
 
 
 @torch.inference_mode()

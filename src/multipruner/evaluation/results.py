@@ -2,7 +2,7 @@
 
 Perplexity texts are tasks too (metric ``ppl``, n = windows), so everything reads one shape. Files are
 written with :meth:`EvalResult.write` (JSON, plus a CSV in the reference's column layout) and read with
-:meth:`EvalResult.read`, which also converts files written before this format (a flat dict).
+:meth:`EvalResult.read`; :meth:`EvalResult.format_table` is the table ``multipruner eval`` prints.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io_utils import atomic_write_text
+from ..tables import render_table
 
 EVAL_FORMAT = "multipruner-eval/1"
 PPL = "ppl"
@@ -98,6 +99,22 @@ class EvalResult:
         mean = self.mean_accuracy(PAPER_TASKS)
         return None if mean is None else mean[0]
 
+    def format_table(self) -> str:
+        """One row per task (perplexity, or accuracy in % with its standard error), then the size."""
+        rows = []
+        for task in self.tasks:
+            name, metric = self.headline(task)
+            value = f"{metric.value:.3f}" if name == PPL else f"{100 * metric.value:.2f}"
+            error = "" if metric.stderr is None else f"± {100 * metric.stderr:.2f}"
+            rows.append((task, name if name == PPL else f"{name} (%)", value, error, metric.n or ""))
+        meta = self.meta
+        return "\n".join(
+            [
+                render_table(("task", "metric", "value", "stderr", "n"), rows, align="llrrr"),
+                f"{meta.params:,} parameters" + (f" ({meta.ratio:.2f}% pruned)" if meta.dense_params else ""),
+            ]
+        )
+
     # --- files ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -109,7 +126,10 @@ class EvalResult:
     @classmethod
     def from_dict(cls, data: dict) -> EvalResult:
         if data.get("format") != EVAL_FORMAT:
-            return _from_legacy(data)
+            raise EvalFileError(
+                f"not a {EVAL_FORMAT} evaluation result (format {data.get('format')!r}); evaluate the model "
+                "again with multipruner eval"
+            )
         try:
             meta = EvalMeta(**data["meta"])
             tasks = {t: {m: Metric(**v) for m, v in ms.items()} for t, ms in data["tasks"].items()}
@@ -145,27 +165,7 @@ class EvalResult:
             raise EvalFileError(f"cannot read evaluation result {path}: {err}") from err
         if not isinstance(data, dict):
             raise EvalFileError(f"{path} does not hold an evaluation result")
-        return cls.from_dict(data)
-
-
-def _from_legacy(data: dict) -> EvalResult:
-    """A flat result written before format 1: ``ppl_<text>`` keys, task accuracies in percent, ``details``."""
-    details = (data.get("details") or {}).get("tasks") or {}
-    tasks: dict[str, dict[str, Metric]] = {}
-    for key, value in data.items():
-        if key.startswith("ppl_") and isinstance(value, int | float):
-            tasks[key[4:]] = {PPL: Metric(float(value), None, None)}
-    for task, metrics in details.items():
-        n = metrics.get("n")
-        tasks[task] = {
-            m: Metric(float(metrics[m]), None, n) for m in ("acc", "acc_norm") if metrics.get(m) is not None
-        }
-    params = data.get("pruned_model_params") or data.get("total_params") or 0
-    dense = data.get("total_params")
-    meta = EvalMeta(
-        params=int(params),
-        dense_params=int(dense) if dense and dense != params else None,
-        limit=data.get("limit"),
-        seqlen=data.get("seqlen"),
-    )
-    return EvalResult(meta, tasks)
+        try:
+            return cls.from_dict(data)
+        except EvalFileError as err:
+            raise EvalFileError(f"{path}: {err}") from None

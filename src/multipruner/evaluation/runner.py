@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import eval_token_stream
+from ..data import check_local_source, eval_token_stream
 from ..errors import UsageError
-from ..search.scoring import ignored_label
+from ..search.objective import ignored_label
 from ..settings import setting
 from .perplexity import stream_perplexity
 from .results import PPL, EvalMeta, EvalResult, Metric
@@ -53,6 +53,24 @@ class EvalSettings:
             problems.append(f"the batch size must be at least 1, got {self.batch_size}")
         if problems:
             raise UsageError("invalid evaluation settings: " + "; ".join(problems))
+
+    def check_tasks(self, overrides: dict[str, str] | None = None) -> None:
+        """Every task is a perplexity text or a zero-shot task whose data is found (a ``.txt`` text: read
+        and non-empty): checked before the model loads, which takes far longer than these checks."""
+        from .zeroshot import SUPPORTED_TASKS, resolve_task_files
+
+        zero_shot = [t for t in self.tasks if not is_perplexity_source(t)]
+        unknown = [t for t in zero_shot if t not in SUPPORTED_TASKS]
+        if unknown:
+            raise UsageError(
+                f"unknown task(s) {', '.join(unknown)}: --tasks takes perplexity texts ({', '.join(PPL_SOURCES)} "
+                f"or a .txt path) and zero-shot tasks ({', '.join(SUPPORTED_TASKS)})"
+            )
+        for text in self.tasks:
+            if text.endswith(".txt"):
+                check_local_source(text)
+        if zero_shot:
+            resolve_task_files(zero_shot, overrides=overrides)
 
 
 def is_perplexity_source(task: str) -> bool:

@@ -26,7 +26,6 @@ they are: the caller decides how many threads a benchmark may use.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,14 +39,11 @@ from torch import nn
 
 from ..errors import UsageError
 from ..settings import setting
-from ..tables import render_table
+from .model_size import MB, cache_bytes, count_params, directory_size_mb, weight_bytes
 
 logger = logging.getLogger(__name__)
 
-MB = 1024**2
 DECODE_PROMPT_MAX = 128
-BASELINE = "dense"
-CANDIDATE = "pruned"
 
 
 @dataclass(frozen=True)
@@ -100,27 +96,6 @@ class _Bench:
 
 
 # --------------------------------------------------------------------------- helpers
-def count_params(model: nn.Module) -> int:
-    """Parameters of the module; a tied embedding/head counts once (``parameters()`` dedupes)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and buffers: the memory a model costs before it sees any input."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def directory_size_mb(path: str | Path) -> float:
-    """Size of every regular file under ``path`` (or of the file itself), in MiB: the on-disk model size."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"cannot measure disk size: {path} does not exist")
-    if path.is_file():
-        return path.stat().st_size / MB
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / MB
-
-
 def _model_device(model: nn.Module) -> torch.device:
     """Where the input ids must live: the device of the input embedding (first parameter as fallback)."""
     get_emb = getattr(model, "get_input_embeddings", None)
@@ -150,36 +125,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     out = fn()
     _sync(device)
     return time.perf_counter() - start, out
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from a cache object (DynamicCache layers, legacy tuples, dicts)."""
-    if depth > 6 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors_in(item, depth + 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors_in(item, depth + 1)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module | type):
-        for item in vars(obj).values():
-            yield from _tensors_in(item, depth + 1)
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes of a KV cache; tensors sharing storage count once (a removed layer's empty slot counts 0)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for t in _tensors_in(cache):
-        key = (t.untyped_storage().data_ptr(), t.numel())
-        if key in seen or t.numel() == 0:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
 
 
 def _warn_if_too_long(models: Mapping[str, nn.Module], length: int) -> None:
@@ -360,75 +305,3 @@ def measure_speed(model: nn.Module, *, disk_path: str | Path | None = None, **wo
     """
     disk_paths = {"model": disk_path} if disk_path is not None else None
     return measure_side_by_side({"model": model}, disk_paths=disk_paths, **workload)["model"]
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den == 0 or not math.isfinite(num) or not math.isfinite(den):
-        return None
-    return num / den
-
-
-def compare_speed(
-    results: Mapping[str, SpeedResult], baseline: str = BASELINE, candidate: str = CANDIDATE
-) -> dict:
-    """JSON-ready comparison: every model's numbers and candidate/baseline ratios.
-
-    A speedup above 1 means the candidate is faster; a memory/params/disk ratio below 1 means it
-    is smaller. A ratio is None when either side lacks the number (e.g. no disk path given).
-    """
-    missing = [k for k in (baseline, candidate) if k not in results]
-    if missing:
-        raise ValueError(
-            f"compare_speed needs results named {baseline!r} and {candidate!r}; missing {missing}"
-        )
-    base, cand = results[baseline], results[candidate]
-    ratios = {
-        "prefill_speedup": _ratio(cand.prefill_tokens_per_s, base.prefill_tokens_per_s),
-        "decode_speedup": _ratio(cand.decode_tokens_per_s, base.decode_tokens_per_s),
-        "memory_ratio": _ratio(cand.peak_memory_mb, base.peak_memory_mb),
-        "params_ratio": _ratio(cand.params, base.params),
-        "disk_ratio": _ratio(cand.disk_mb, base.disk_mb),
-    }
-    return {
-        "models": {name: asdict(r) for name, r in results.items()},
-        "ratios": ratios,
-        "baseline": baseline,
-        "candidate": candidate,
-    }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_speed_table(comparison: Mapping) -> str:
-    """Plain-text table for a terminal: one row per model, then the candidate/baseline ratio row."""
-    header = ("model", "params (M)", "prefill tok/s", "decode tok/s", "peak mem (MB)", "disk (MB)")
-    rows = []
-    models = comparison.get("models", {})
-    for name, r in models.items():
-        rows.append(
-            (
-                name,
-                _fmt(r["params"] / 1e6, ".2f"),
-                _fmt(r["prefill_tokens_per_s"], ".1f"),
-                _fmt(r["decode_tokens_per_s"], ".1f"),
-                _fmt(r["peak_memory_mb"], ".1f"),
-                _fmt(r.get("disk_mb"), ".1f"),
-            )
-        )
-    ratios = comparison.get("ratios") or {}
-    if ratios:
-        label = f"{comparison.get('candidate', CANDIDATE)}/{comparison.get('baseline', BASELINE)}"
-        keys = ("params_ratio", "prefill_speedup", "decode_speedup", "memory_ratio", "disk_ratio")
-        rows.append(
-            (label, *(_fmt(ratios.get(k), ".3f") + ("x" if ratios.get(k) is not None else "") for k in keys))
-        )
-    lines = [render_table(header, rows)]
-    if models:
-        first = next(iter(models.values()))
-        lines.append(
-            f"(batch {first['batch_size']}, prefill {first['seqlen']} tokens, decode {first['new_tokens']} new tokens "
-            f"from a {first.get('decode_prompt_len', '?')}-token prompt; memory: {first.get('memory_method', '?')})"
-        )
-    return "\n".join(lines)

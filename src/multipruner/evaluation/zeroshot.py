@@ -23,8 +23,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..data import DATA_DIR_ENV, expected_data_dir, offline_variable, shared_data_dir
 from ..errors import UsageError
+from ..hub_datasets import offline_variable
+from ..shared_data import DATA_DIR_ENV, expected_data_dir, shared_data_dir
 from .results import Metric, headline_metric
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ SUPPORTED_TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 
 # --------------------------------------------------------------------------- resolution
 def default_data_dir() -> Path:
-    """The shared offline data folder (see ``data.shared_data_dir``); when there is none, the place it is
+    """The shared offline data folder (see ``shared_data_dir``); when there is none, the place it is
     looked for last, so error messages still name a concrete folder."""
     return shared_data_dir() or expected_data_dir()
 

@@ -1,0 +1,1 @@
+"""Exporting pruned models to other runtimes: GGUF for llama.cpp."""

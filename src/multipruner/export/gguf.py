@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from ..core.adapters import ArchitectureAdapter, adapter_for
-from ..errors import UsageError
 from ..core.inspect_model import describe_layers
-from ..io_utils import follow_umask, remove_stale_temporaries
 from ..core.projections import attention_rows, mlp_rows, part_rows
+from ..errors import UsageError
+from ..io_utils import check_output, follow_umask, remove_stale_temporaries
+from ..model_sources import EMBEDDED, dense_source_of
 from ..settings import setting
 
 log = logging.getLogger(__name__)
@@ -242,14 +243,25 @@ def write_hf_tokenizer(writer, tokenizer, directory: Path, vocab_size: int) -> N
 
 
 # --- the file ------------------------------------------------------------------------------------
-def check_output(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise ExportError(f"--output {path} is a directory; give a file name such as {path / 'model.gguf'}")
-    if path.exists() and not overwrite:
-        raise ExportError(f"--output {path} already exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ExportError(f"--output {path}: cannot write into {parent} (permission denied)")
+def vocabulary_gguf(spec: str) -> Path | None:
+    """The GGUF file whose vocabulary a model uses: the model's own, or its dense source's (pruned dirs)."""
+    if Path(spec).is_dir():
+        source = dense_source_of(spec)
+        return None if source is None else vocabulary_gguf(source)
+    if spec in EMBEDDED:
+        return EMBEDDED[spec].gguf_path()
+    return Path(spec) if spec.endswith(".gguf") and Path(spec).is_file() else None
+
+
+def display_name(spec: str) -> str:
+    """``runs/smol10/model`` -> ``smol10-model``: the run says more than the folder name ``model``."""
+    path = Path(spec)
+    return f"{path.resolve().parent.name}-{path.name}" if path.is_dir() else path.stem
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """The GGUF file can be written (before the model loads)."""
+    check_output(path, overwrite=overwrite, example="model.gguf")
 
 
 def export_gguf(
@@ -274,7 +286,7 @@ def export_gguf(
         raise ExportError(
             f"--outtype {outtype!r} is not one gguf can write here; choose one of {', '.join(OUTTYPES)}"
         )
-    check_output(path, overwrite)
+    check_output_file(path, overwrite)
     adapter = adapter_for(model)
     reason = unsupported_reason(model, adapter)
     if reason:

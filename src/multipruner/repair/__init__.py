@@ -1,0 +1,1 @@
+"""Winning quality back after pruning: closed-form compensation and LoRA recovery."""

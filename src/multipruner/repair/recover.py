@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..search.calibration import DEFAULT_SOURCE, draw_tokens
 from ..errors import UsageError
 from ..faults import crash_point
-from ..io_utils import atomic_directory, atomic_write_text
+from ..io_utils import atomic_directory, atomic_write_text, check_output
+from ..search.calibration import DEFAULT_SOURCE, draw_tokens
 from ..settings import setting
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,7 @@ def recover(
 
     output = Path(output)
     settings.validate()
-    if output.exists() and not overwrite:
-        raise RecoveryError(f"{output} exists; pass --overwrite to replace it")
+    check_output(output, directory=True, overwrite=overwrite)
     checkpoint = latest_checkpoint(output) if resume else None
     if not resume and checkpoints_dir(output).exists():
         shutil.rmtree(checkpoints_dir(output))
