@@ -19,7 +19,7 @@ import torch
 from multipruner.evaluation.perplexity import stream_perplexity
 from multipruner.models import load_model
 from multipruner.run.run_dir import RunDirectory
-from multipruner.search.scoring import ignored_label, perplexity_from_nll
+from multipruner.search.objective import ignored_label, perplexity_from_nll
 from multipruner.tables import render_table
 
 

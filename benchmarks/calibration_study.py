@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
-from multipruner.search.calibration import SetSize, build_calibration_sets
+from multipruner.core.surgery import PrunableModel
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.core.surgery import PrunableModel
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
-from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search.loop import SearchSettings, run_search
+from multipruner.search.calibration import SetSize, build_calibration_sets
+from multipruner.search.loop import run_search
+from multipruner.search.objective import LossSettings, ignored_label
+from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.settings import SearchSettings
 
 log = logging.getLogger("calibration_study")
 

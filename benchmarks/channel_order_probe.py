@@ -1,8 +1,8 @@
 """Held-out perplexity of one plan's widths under the two channel orders (L1 weights vs activations).
 
-The plan is the main job's L1-ordered one (docs/quality.md section 2); the activation order is taken on
-the default calibration sets (2,048 + 1,024 tokens of the mix). Held-out: the first N windows of 2,048
-tokens of WikiText-2 test and PTB test (N = the first argument, default 8).
+The plan is the main job's while channels were ordered by L1 norms (docs/history.md section 3); the
+activation order is taken on the default calibration sets (2,048 + 1,024 tokens of the mix). Held-out:
+the first N windows of 2,048 tokens of WikiText-2 test and PTB test (N = the first argument, default 8).
 
     .venv/bin/python benchmarks/channel_order_probe.py 8
 """
@@ -12,11 +12,11 @@ import sys
 import torch
 
 from multipruner import PrunableModel, PruningPlan, extract, load_model
-from multipruner.search.calibration import CalibrationSettings
+from multipruner.core.importance import activation_channel_order
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.core.reorder import activation_channel_order
-from multipruner.search.scoring import ignored_label
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.objective import ignored_label
 
 L1_PLAN = {
     "pruned_attn_idx": [6, 7, 9, 17, 22, 26, 29],

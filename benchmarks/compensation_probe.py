@@ -1,7 +1,7 @@
 """Held-out perplexity of one plan: plain pruning vs compensation of narrowed branches vs also folding a
 least-squares map for each removed block (``--compensate-blocks``).
 
-The plan is the old main job's (calibration on 2,048 + 512 PIQA tokens; docs/results.md section 1);
+The plan is the old main job's (calibration on 2,048 + 512 PIQA tokens; docs/history.md section 1);
 compensation uses 4,096 + 4,096 tokens of the default mix (as measured); held-out: the first N windows of 2,048 tokens of
 WikiText-2 test and PTB test (N = the first argument, default 8).
 
@@ -14,11 +14,11 @@ import time
 import torch
 
 from multipruner import PrunableModel, PruningPlan, extract, load_model
-from multipruner.search.calibration import CalibrationSettings
-from multipruner.repair.compensate import CompensateSettings, compensate
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.search.scoring import ignored_label
+from multipruner.repair.compensate import CompensateSettings, compensate
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.objective import ignored_label
 
 ref = {
     "pruned_attn_idx": [5, 7, 17, 26, 29],

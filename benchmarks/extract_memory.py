@@ -45,7 +45,6 @@ MB = 2**20
 def old_extract(prunable: PrunableModel, plan: PruningPlan) -> nn.Module:
     """PRE-CHANGE implementation of ``multipruner.core.checkpoint.extract`` (for comparison only): random
     initialisation of the pruned model, a full clone of the masked state dict, then one device."""
-    plan.validate(prunable.layout)
     config, model_cls = pruned_config(prunable.model.config, plan, prunable.layout, prunable.adapter)
     with prunable.trial(plan):
         state = {k: v.detach().contiguous().clone() for k, v in prunable.model.state_dict().items()}

@@ -16,12 +16,15 @@ from dataclasses import replace
 
 import torch
 
-from multipruner.search.calibration import CalibrationSettings
-from multipruner.models import load_model, resolve_device
 from multipruner.core.reorder import reorder_weights
-from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search.loop import SearchSettings, block_candidates, initial_plan, width_candidates
 from multipruner.core.surgery import PrunableModel
+from multipruner.models import load_model, resolve_device
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.loop import initial_plan
+from multipruner.search.objective import LossSettings, ignored_label
+from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.settings import SearchSettings
+from multipruner.search.stages import block_candidates, width_candidates
 
 
 def main() -> None:

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from llama_cpp import Llama
 
-from multipruner.cli import dense_source_of, vocabulary_gguf
 from multipruner.data import eval_token_stream
 from multipruner.evaluation.perplexity import stream_perplexity
-from multipruner.export.gguf import export_gguf
+from multipruner.export.gguf import export_gguf, vocabulary_gguf
+from multipruner.model_sources import dense_source_of
 from multipruner.models import load_model
-from multipruner.search.scoring import ignored_label
+from multipruner.search.objective import ignored_label
 
 PROMPT = "The history of the city begins in the early Middle Ages, when"
 

@@ -25,16 +25,16 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from multipruner.search.calibration import CalibrationSettings
-from multipruner.evaluation.results import EvalResult
-from multipruner.evaluation.runner import EvalSettings, evaluate
 from multipruner.core.extract import extract
 from multipruner.core.surgery import PrunableModel
+from multipruner.evaluation.results import EvalResult
+from multipruner.evaluation.runner import EvalSettings, evaluate
 from multipruner.io_utils import atomic_write_bytes, atomic_write_text
 from multipruner.models import ModelSettings
 from multipruner.run.pipeline import PruneJob, RunOptions, prune
 from multipruner.run.run_dir import RunDirectory
-from multipruner.search.loop import SearchSettings
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.settings import METHODS, SearchSettings
 from multipruner.tables import render_table
 
 log = logging.getLogger("quality")
@@ -58,7 +58,6 @@ VARIANTS = {
     # twice the default width set: does a width stage of many steps overfit less (docs/quality.md §3d)
     "multipruner-width2048": Variant("multipruner", calibration={"width_tokens": 2048}),
 }
-METHODS = ("multipruner", "blockpruner", "shortgpt")  # the issue's table; a variant is asked for by name
 # rows for the models a reused run saved after its search ("<method>+compensate", ...), and where it keeps them
 DERIVED_SUFFIXES = {"+compensate": "model-compensated", "+compensate+recover": "model-recovered"}
 DERIVED = tuple(f"{m}{suffix}" for m in ("multipruner", "multipruner-l1") for suffix in DERIVED_SUFFIXES)
@@ -243,7 +242,8 @@ def clip_off_scale(points: list[tuple[float, float]], ceiling: float | None):
     return drawn, [(x, y) for x, y in points if y > ceiling]
 
 
-def plot(cells: list[dict], path: Path) -> None:
+def build_figure(cells: list[dict]) -> Figure:
+    """One panel per model and perplexity task: each method's perplexity against the parameters it removed."""
     models = sorted({c["model"] for c in cells})
     fig = Figure(figsize=(5.2 * len(PPL_TASKS), 3.6 * len(models)), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
@@ -291,8 +291,12 @@ def plot(cells: list[dict], path: Path) -> None:
             ax.set_ylabel(ylabel, fontsize=8 if clipped_any else None)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
+    return fig
+
+
+def plot(cells: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    build_figure(cells).savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
 
 

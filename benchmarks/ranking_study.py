@@ -22,15 +22,18 @@ from pathlib import Path
 
 import torch
 
-from multipruner.search.calibration import draw_tokens
-from multipruner.data import eval_token_stream
+from multipruner.core.plan import PruningPlan
 from multipruner.core.surgery import PrunableModel
+from multipruner.data import eval_token_stream
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
-from multipruner.core.plan import PruningPlan
+from multipruner.search.calibration import draw_tokens
+from multipruner.search.loop import initial_plan
+from multipruner.search.objective import LossSettings, ignored_label
 from multipruner.search.racing import RaceSettings
-from multipruner.search.scoring import CalibrationScorer, LossSettings, ignored_label
-from multipruner.search.loop import SearchSettings, block_candidates, initial_plan, width_candidates
+from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.settings import SearchSettings
+from multipruner.search.stages import block_candidates, width_candidates
 
 log = logging.getLogger("ranking_study")
 

@@ -33,18 +33,15 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from multipruner.search.calibration import CalibrationSettings
 from multipruner.core.surgery import PrunableModel
 from multipruner.models import load_model, resolve_dtype
 from multipruner.run.run_dir import RunDirectory
-from multipruner.search.scoring import (
-    CalibrationScorer,
-    LossSettings,
-    StepScores,
-    full_forward_perplexity,
-    ignored_label,
-)
-from multipruner.search.loop import SearchSettings, StepRecord, block_candidates, initial_plan, run_search
+from multipruner.search.calibration import CalibrationSettings
+from multipruner.search.loop import StepRecord, initial_plan, run_search
+from multipruner.search.objective import LossSettings, full_forward_perplexity, ignored_label
+from multipruner.search.scoring import CalibrationScorer, StepScores
+from multipruner.search.settings import SearchSettings
+from multipruner.search.stages import block_candidates
 
 # random-weight shapes for timing where the real checkpoint is out of reach (llama-tiny: a dry run)
 RANDOM_SHAPES = {
