@@ -59,7 +59,7 @@ def read_text_file(path: Path) -> str:
     except (OSError, EOFError) as exc:
         raise DataSourceError(f"could not read data file {path}: {exc}") from exc
     if not text.strip():
-        raise DataSourceError(f"data file is empty: {path}")
+        raise DataSourceError(f"data file is empty: {path}; give a file that holds text, or another source")
     return text
 
 
