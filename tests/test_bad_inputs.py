@@ -756,7 +756,6 @@ NEEDS_THE_MODEL = {
     "eval-text-shorter-than-a-window",  # tokens
     "recover-unknown-targets",  # the model's linear modules
     "resume-truncated-calibration",  # read after the model (the run directory's own file)
-    "resume-foreign-directory",  # the pipeline loads the model before it looks into the directory
 }
 
 
