@@ -579,6 +579,11 @@ CASES = [
         lambda w: _swap_calibration(w.prune(), "wikitext3"),
         "neither a known source",
     ),
+    (
+        "calibration-on-evaluation-text",
+        lambda w: _swap_calibration(w.prune(), "hellaswag-text"),
+        "held out for evaluation",
+    ),
     # eval: tasks and their files, plans
     (
         "eval-unknown-task-name",

@@ -13,7 +13,13 @@ from conftest import byte_bpe_tokenizer
 
 from multipruner.data import eval_token_stream, load_texts
 from multipruner.shared_data import shared_data_dir
-from multipruner.text_files import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, DataSourceError, alpaca_split
+from multipruner.text_files import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    DataSourceError,
+    alpaca_split,
+    hellaswag_documents,
+)
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -270,3 +276,33 @@ def test_eval_txt_is_verbatim(tmp_path, tokenizer):
     text = "para one\n\npara two\n"
     stream = eval_token_stream(str(_write(tmp_path / "eval.txt", text)), tokenizer)
     assert stream.tolist() == tokenizer(text)["input_ids"]
+
+
+# --- out-of-domain evaluation text -----------------------------------------------------------------------
+
+
+def test_hellaswag_documents_are_contexts_with_their_gold_endings(tmp_path):
+    item = ["Cooking: A man cracks eggs. he", "2", "flies.", "sings.", "whisks them.", "sleeps."]
+    other = ["Sports: A girl runs. she", "0", "jumps.", "sits.", "eats.", "reads."]
+    path = _write(tmp_path / "hs.txt", "\n".join(item + other) + "\n")
+    assert hellaswag_documents(path) == [
+        "Cooking: A man cracks eggs. he whisks them.",
+        "Sports: A girl runs. she jumps.",
+    ]
+    with pytest.raises(DataSourceError, match="6-line"):
+        hellaswag_documents(_write(tmp_path / "cut.txt", "\n".join(item[:5]) + "\n"))
+    with pytest.raises(DataSourceError, match="gold ending"):
+        hellaswag_documents(_write(tmp_path / "bad.txt", "\n".join([item[0], "x", *item[2:]]) + "\n"))
+
+
+def test_hellaswag_text_evaluates_and_never_calibrates(shared, tokenizer):
+    documents = hellaswag_documents(shared / "hellaswag" / "hellaswag_val_full.txt")
+    assert len(documents) == 10042
+    assert (
+        documents[0]
+        == "Roof shingle removal: A man is sitting on a roof. he starts pulling up roofing on a roof."
+    )
+    stream = eval_token_stream("hellaswag-text", tokenizer)
+    assert stream.tolist() == tokenizer("\n\n".join(documents))["input_ids"]
+    with pytest.raises(DataSourceError, match="held out for evaluation"):
+        load_texts("hellaswag-text")

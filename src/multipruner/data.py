@@ -29,6 +29,7 @@ from .text_files import (
     check_split,
     format_piqa,
     format_records,
+    hellaswag_documents,
     parse_records,
     read_line_rows,
     read_text_file,
@@ -142,6 +143,21 @@ _SOURCES: dict[str, Callable[[str, str | None], list[str]]] = {
 }
 
 
+def _hellaswag_text() -> list[str]:
+    local = shared_file("hellaswag", "hellaswag_val_full.txt")
+    if local is None:
+        raise DataSourceError(
+            "hellaswag-text needs the offline file hellaswag/hellaswag_val_full.txt, but no shared data folder "
+            f"holds it (looked in {shared_data_dir() or 'no shared data folder'}); set MULTIPRUNER_DATA_DIR"
+        )
+    return hellaswag_documents(local)
+
+
+# Texts for evaluation only, from domains no calibration source holds (how-to and video captions): a model
+# searched on the calibration mix is measured here on text unlike anything it was fitted to.
+EVAL_ONLY_TEXTS: dict[str, Callable[[], list[str]]] = {"hellaswag-text": _hellaswag_text}
+
+
 def load_texts(source: str, *, split: str = "test", text_field: str | None = None) -> list[str]:
     """Return the documents/examples of ``source`` (a registered name or a local file path).
 
@@ -149,6 +165,11 @@ def load_texts(source: str, *, split: str = "test", text_field: str | None = Non
     streams); local files are read in their original formats. See the module docstring for the names.
     """
     split = _normalize_split(split)
+    if source.strip().lower() in EVAL_ONLY_TEXTS:
+        raise DataSourceError(
+            f"{source} is held out for evaluation (out-of-domain perplexity) and never calibrates: "
+            f"choose a calibration source from {', '.join(sorted(_SOURCES))} or a file"
+        )
     reader = _SOURCES.get(source.strip().lower())
     texts = reader(split, text_field) if reader else _read_path(source, split, text_field)
     return _require_nonempty(texts, f"data source {source!r} (split {split!r})")
@@ -177,10 +198,14 @@ def eval_token_stream(source: str, tokenizer: Any) -> torch.LongTensor:
     """Token ids of a perplexity-evaluation text, tokenized once; the caller cuts them into windows.
 
     ``wikitext2``/``ptb`` use their test rows and ``c4`` its validation shard, joined with ``"\\n\\n"`` as the
-    papers do; a local ``.txt`` file is used verbatim; other local files have their texts joined likewise.
+    papers do; ``hellaswag-text`` (evaluation only) joins HellaSwag's validation contexts with their gold
+    endings likewise; a local ``.txt`` file is used verbatim; other local files have their texts joined
+    likewise.
     """
     key = source.strip().lower()
-    if key in _SOURCES:
+    if key in EVAL_ONLY_TEXTS:
+        text = DOC_SEPARATOR.join(EVAL_ONLY_TEXTS[key]())
+    elif key in _SOURCES:
         text = DOC_SEPARATOR.join(load_texts(key, split=_EVAL_SPLITS.get(key, "test")))
     elif source.lower().endswith(".txt"):
         text = read_text_file(Path(source).expanduser())

@@ -176,6 +176,21 @@ def read_line_rows(path: Path) -> list[str]:
     return [line.strip() for line in read_text_file(path).splitlines()]
 
 
+def hellaswag_documents(path: Path) -> list[str]:
+    """HellaSwag items in the shared folder's text format (six lines each: ``activity: context``, the gold
+    label, four endings) as documents: each context followed by its gold ending."""
+    lines = read_text_file(path).splitlines()
+    if len(lines) % 6:
+        raise DataSourceError(f"{path}: {len(lines)} lines is not a whole number of 6-line HellaSwag items")
+    documents = []
+    for start in range(0, len(lines), 6):
+        context, label, *endings = lines[start : start + 6]
+        if label.strip() not in ("0", "1", "2", "3"):
+            raise DataSourceError(f"{path}: line {start + 2} should be the gold ending 0-3, got {label!r}")
+        documents.append(f"{context} {endings[int(label)]}")
+    return documents
+
+
 # Longest suffix first, so ".json.gz" wins over ".gz".
 FILE_READERS: dict[str, Callable[[Path, str, str | None], list[str]]] = {
     ".jsonl.gz": _read_records_file,

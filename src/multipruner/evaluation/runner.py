@@ -16,7 +16,7 @@ from .results import PPL, EvalMeta, EvalResult, Metric
 
 log = logging.getLogger(__name__)
 
-PPL_SOURCES = ("wikitext2", "ptb", "c4")
+PPL_SOURCES = ("wikitext2", "ptb", "c4", "hellaswag-text")
 DEFAULT_TASKS = ["wikitext2", "piqa", "arc_easy", "boolq", "hellaswag"]
 
 
@@ -25,7 +25,8 @@ class EvalSettings:
     """What to measure; none of it changes the pruned model."""
 
     tasks: list[str] = setting(
-        help="comma list: perplexity texts (wikitext2, ptb, c4, a .txt path) and zero-shot tasks (piqa, "
+        help="comma list: perplexity texts (wikitext2, ptb, c4, hellaswag-text: HellaSwag's contexts with their "
+        "gold endings, a domain no calibration source holds; a .txt path) and zero-shot tasks (piqa, "
         "winogrande, hellaswag, arc_easy, arc_challenge, boolq, openbookqa)",
         default_factory=lambda: list(DEFAULT_TASKS),
         affects_result=False,
