@@ -223,15 +223,13 @@ def describe_source(spec: str) -> dict:
 
 def dense_source_of(model_dir: str | Path) -> str | None:
     """The dense model a saved pruned model came from, as its plan records it (None if it records none)."""
-    from .core.checkpoint import PLAN_FILENAME
+    from .core.checkpoint import PLAN_FILENAME, saved_plan_data
 
-    plan_file = Path(model_dir) / PLAN_FILENAME
-    if not plan_file.is_file():
-        return None
     try:
-        source = json.loads(plan_file.read_text()).get("meta", {}).get("source")
+        plan = saved_plan_data(model_dir)
+        source = None if plan is None else plan.get("meta", {}).get("source")
     except (json.JSONDecodeError, AttributeError) as err:
-        raise ModelLoadError(f"{plan_file} is not a valid plan file: {err}") from None
+        raise ModelLoadError(f"{Path(model_dir) / PLAN_FILENAME} is not a valid plan file: {err}") from None
     return None if source is None else ModelSource.from_dict(source).loadable()
 
 

@@ -52,6 +52,12 @@ def save_pruned(
     return output
 
 
+def saved_plan_data(model_dir: str | Path) -> dict | None:
+    """The plan file a saved pruned model holds, as JSON (None: no plan file, e.g. a dense model)."""
+    plan_file = Path(model_dir) / PLAN_FILENAME
+    return json.loads(plan_file.read_text()) if plan_file.is_file() else None
+
+
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a directory written by ``save_pruned`` with our classes (no remote code)."""
     from transformers import AutoTokenizer

@@ -3,10 +3,7 @@ does: a saved model, or a dense model with a plan applied."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..core.checkpoint import PLAN_FILENAME
+from ..core.checkpoint import saved_plan_data
 from ..core.extract import extract
 from ..core.surgery import PrunableModel
 from ..evaluation.results import EvalResult
@@ -17,10 +14,8 @@ from .planned_model import PlanRequest, load_dense_with_plan
 
 def recorded_dense_params(spec: str) -> int | None:
     """The dense parameter count a saved pruned model's plan records (None: not a pruned model)."""
-    plan_file = Path(spec) / PLAN_FILENAME
-    if not plan_file.is_file():
-        return None
-    return json.loads(plan_file.read_text()).get("params", {}).get("dense")
+    plan = saved_plan_data(spec)
+    return None if plan is None else plan.get("params", {}).get("dense")
 
 
 def evaluate_model(
