@@ -230,6 +230,13 @@ CASES = [
         "less than one sequence",
     ),
     ("unknown-method", lambda w: w.prune("--method", "slicegpt"), "invalid choice: 'slicegpt'"),
+    ("unknown-objective", lambda w: w.prune("--objective", "mse"), "invalid choice: 'mse'"),
+    ("finalists-zero", lambda w: w.prune("--finalists", "0"), "--finalists must be at least 1"),
+    (
+        "screen-set-as-large-as-the-decision-set",
+        lambda w: w.prune("--screen-tokens", "64", by_tokens=True),
+        "leaves no larger set to decide on",
+    ),
     ("layer-major-budget-negative", lambda w: w.prune("--layer-major-mb", "-5"), "--layer-major-mb must be"),
     (
         "shortgpt-with-distribution",

@@ -61,7 +61,7 @@ def test_nll_objective_equals_cross_entropy_on_full_logits(tiny_model, token_ids
     objective = NllObjective(tiny_model, prunable.adapter, settings)
     with torch.inference_mode():
         normed = prunable.adapter.decoder(tiny_model)(input_ids=ids, use_cache=False).last_hidden_state
-        got = objective.per_sequence(normed, ids)
+        got = objective.per_sequence(normed, ids, slice(None))
         logits = tiny_model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     labels = ids[:, 1:]
     token_nll = F.cross_entropy(logits.permute(0, 2, 1), labels, reduction="none")
@@ -78,12 +78,12 @@ def test_nll_objective_bound_is_below_its_loss(tiny_model, token_ids):
     objective = NllObjective(tiny_model, prunable.adapter, LossSettings(head_bound_top_k=2, chunk_tokens=16))
     with torch.inference_mode():
         current = prunable.adapter.decoder(tiny_model)(input_ids=token_ids, use_cache=False).last_hidden_state
-        bound = objective.lower_bound(current, token_ids)
+        bound = objective.lower_bound(current, token_ids, slice(None))
         if tiny_model.config.model_type == "gemma2":
             assert bound is None  # soft-capped logits: no bound
             return
         moved = current + 0.5 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
-        gap = objective.per_sequence(moved, token_ids) - bound(moved)
+        gap = objective.per_sequence(moved, token_ids, slice(None)) - bound(moved)
     assert gap.min().item() >= -1e-5 and gap.max().item() > 0
 
 

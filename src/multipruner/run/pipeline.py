@@ -24,7 +24,7 @@ from ..repair.recover import RecoverSettings
 from ..search.calibration import CalibrationSettings
 from ..search.distributed import bind_device, join, world_size
 from ..search.method import scores_in_one_shot
-from ..search.settings import SearchSettings
+from ..search.settings import SearchConfigError, SearchSettings
 from ..settings import setting
 from .context import RunContext
 from .phases import CompensatePhase, EvaluatePhase, ExtractPhase, Phase, RecoverPhase, ReportPhase
@@ -96,6 +96,10 @@ class PruneJob:
         """Everything that can be checked without the model or data."""
         check_output(self.output_dir(), directory=True)  # an existing run is resumed or refused later
         self.calibration.validate()
+        block, width = self.calibration.set_sizes()
+        if block.tokens is not None:  # with the reference's sample counts the sizes are known once drawn
+            if problem := self.search.screen_problem({"block": block.tokens, "width": width.tokens}):
+                raise SearchConfigError(problem)
         self.model.torch_device()  # an unknown device or a missing GPU fails now
         if self.run.do_eval:
             self.evaluation.validate()

@@ -21,10 +21,12 @@ from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
 from ..errors import UsageError
+from ..faults import crash_point
 from .cost import ParamsCost
-from .scoring import CalibrationScorer
-from .settings import SearchSettings
-from .stages import STAGES
+from .scoring import CalibrationScorer, StepScores
+from .screening import width_proxy_scores
+from .settings import SearchConfigError, SearchSettings
+from .stages import STAGES, Candidate, Stage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class StepRecord:
     total_batches: int = 0
     bounded_batches: int = 0  # candidate-batches run whose full LM head the head bound made unnecessary
     batches_by_process: list[int] | None = None  # candidate-batches each torchrun process scored
+    finalists: list[int] | None = None  # screen, then decide: the candidates scored on the decision set
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -113,6 +116,7 @@ def run_search(
     step = len(done_steps)
     targets = settings.stage_targets()
     cost = ParamsCost(layout, settings.ratio_accounting)
+    screens = ScreeningSets(scorers, settings)
     for stage, target in zip(STAGES, targets, strict=True):
         while cost.reduction(plan) < target:
             if settings.max_steps is not None and step >= settings.max_steps:
@@ -128,28 +132,24 @@ def run_search(
                 )
                 break
             started = time.perf_counter()
-            scorer = scorers[stage.calibration]
             plans = [c.apply(plan) for c in candidates]
-            n_batches = -(-scorer.tokens.shape[0] // scorer.settings.batch_size)
-            with tqdm(
-                total=len(candidates) * n_batches,
-                desc=f"{stage.name} step {step}",
-                unit="cand·batch",
-                disable=not progress,
-                leave=False,
-            ) as bar:
-                scores = scorer.score(
-                    plans,
-                    [c.layer for c in candidates],
-                    keys=candidates,
-                    on_batch=bar.update,
-                    race=settings.race,
-                )
-            best = scores.best()
-            if not math.isfinite(scores.ppl[best]):
+            outcome = score_step(
+                prunable,
+                scorers[stage.calibration],
+                screens,
+                stage,
+                candidates,
+                plans,
+                settings,
+                step,
+                progress,
+            )
+            scores = outcome.scores
+            best = outcome.best
+            if not math.isfinite(outcome.ppl[best]):
                 raise SearchDivergedError(
                     f"step {step} ({stage.name}): every candidate has a non-finite calibration perplexity "
-                    f"(best {scores.ppl[best]}), so there is nothing to choose between. The model overflows "
+                    f"(best {outcome.ppl[best]}), so there is nothing to choose between. The model overflows "
                     "or has lost what it needs; try --dtype float32, a lower --target-ratio, or another "
                     "--distribution (the steps before this one are saved in the run directory)."
                 )
@@ -158,14 +158,9 @@ def run_search(
             record = StepRecord(
                 step=step,
                 stage=stage.name,
-                candidates=[
-                    {**c.to_dict(), "ppl": ppl, "partial_ppl": partial, "sequences": n}
-                    for c, ppl, partial, n in zip(
-                        candidates, scores.ppl, scores.partial_ppl, scores.sequences, strict=True
-                    )
-                ],
-                choice={**candidates[best].to_dict(), "ppl": scores.ppl[best]},
-                ppl=scores.ppl[best],
+                candidates=outcome.candidate_records(candidates),
+                choice={**candidates[best].to_dict(), "ppl": outcome.ppl[best]},
+                ppl=outcome.ppl[best],
                 ratio=plan.ratio(layout),
                 params=plan.num_params(layout),
                 elapsed_s=time.perf_counter() - started,
@@ -174,6 +169,7 @@ def run_search(
                 total_batches=scores.total_batches,
                 bounded_batches=scores.bounded_batches,
                 batches_by_process=scores.batches_by_process,
+                finalists=outcome.finalists,
             )
             log.info(
                 "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d "
@@ -183,7 +179,7 @@ def run_search(
                 candidates[best].op,
                 candidates[best].kind,
                 candidates[best].layer,
-                scores.ppl[best],
+                outcome.ppl[best],
                 record.ratio,
                 record.elapsed_s,
                 scores.skipped_batches,
@@ -194,3 +190,109 @@ def run_search(
                 on_step(record, plan)
             step += 1
     return plan
+
+
+class ScreeningSets:
+    """Each stage's screening scorer (the first sequences of its calibration set), made when first used."""
+
+    def __init__(self, scorers: dict[str, CalibrationScorer], settings: SearchSettings):
+        self.scorers, self.settings = scorers, settings
+        self._made: dict[str, CalibrationScorer] = {}
+
+    def __getitem__(self, calibration: str) -> CalibrationScorer:
+        if calibration not in self._made:
+            decision = self.scorers[calibration]
+            n_rows, seqlen = decision.tokens.shape
+            rows = self.settings.screen_tokens // seqlen
+            if problem := self.settings.screen_problem({calibration: n_rows * seqlen}):
+                raise SearchConfigError(problem)
+            if rows < 1:
+                raise SearchConfigError(
+                    f"--screen-tokens {self.settings.screen_tokens} is less than one calibration sequence "
+                    f"of {seqlen} tokens: give at least {seqlen}"
+                )
+            self._made[calibration] = decision.prefix(rows)
+        return self._made[calibration]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One step's scores: the decision set's (``scores``, in candidate order, or the finalists' order when
+    screened), and per candidate its decision perplexity and screening loss."""
+
+    scores: StepScores
+    ppl: list[float | None]  # decision-set perplexity; None: not scored to the end there
+    best: int
+    screen_loss: list[float] | None = None
+    finalists: list[int] | None = None
+
+    def candidate_records(self, candidates: list[Candidate]) -> list[dict]:
+        position = {k: i for i, k in enumerate(self.finalists)} if self.finalists else None
+        records = []
+        for k, c in enumerate(candidates):
+            i = position.get(k) if position is not None else k
+            record = {**c.to_dict(), "ppl": self.ppl[k]}
+            if i is not None:
+                record |= {"partial_ppl": self.scores.partial_ppl[i], "sequences": self.scores.sequences[i]}
+            if self.screen_loss is not None:
+                record["screen_loss"] = self.screen_loss[k]
+            records.append(record)
+        return records
+
+
+def score_step(
+    prunable: PrunableModel,
+    scorer: CalibrationScorer,
+    screens: ScreeningSets,
+    stage: Stage,
+    candidates: list[Candidate],
+    plans: list[PruningPlan],
+    settings: SearchSettings,
+    step: int,
+    progress: bool,
+) -> StepOutcome:
+    """Score one step's candidates: all of them on the stage's set, or screen them and decide among the
+    finalists on it (screening.py)."""
+    layers = [c.layer for c in candidates]
+    screen = settings.screens(stage.calibration)
+    screen_loss = None
+    if screen is not None:
+        if screen == "proxy":
+            losses = width_proxy_scores(
+                prunable, candidates, scorer.tokens, scorer.settings.batch_size, scorer.device
+            )
+        else:
+            first = screens[stage.calibration]
+            with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
+                screened = first.score(plans, layers, keys=candidates, on_batch=bar.update, race=None)
+            losses = screened.sequence_nll
+        screen_loss = [t.double().mean().item() for t in losses]
+        finalists = settings.finalist_rule.pick(losses)
+        crash_point("screened")
+    else:
+        finalists = list(range(len(candidates)))
+    with _bar(scorer, len(finalists), f"{stage.name} step {step}", progress) as bar:
+        scores = scorer.score(
+            [plans[k] for k in finalists],
+            [layers[k] for k in finalists],
+            keys=[candidates[k] for k in finalists],
+            on_batch=bar.update,
+            race=settings.race,
+        )
+    ppl: list[float | None] = [None] * len(candidates)
+    for i, k in enumerate(finalists):
+        ppl[k] = scores.ppl[i]
+    return StepOutcome(
+        scores=scores,
+        ppl=ppl,
+        best=finalists[scores.best()],
+        screen_loss=screen_loss,
+        finalists=finalists if screen is not None else None,
+    )
+
+
+def _bar(scorer: CalibrationScorer, n_candidates: int, desc: str, progress: bool) -> tqdm:
+    n_batches = -(-scorer.tokens.shape[0] // scorer.settings.batch_size)
+    return tqdm(
+        total=n_candidates * n_batches, desc=desc, unit="cand·batch", disable=not progress, leave=False
+    )

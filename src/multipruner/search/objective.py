@@ -89,11 +89,14 @@ def perplexity_from_nll(per_sequence: torch.Tensor) -> float:
 class Objective(Protocol):
     """A loss per calibration sequence that the scorer minimises (lower is better)."""
 
-    def per_sequence(self, normed_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The loss of each sequence of the batch ``input_ids``, from a candidate's final-normed states."""
+    def per_sequence(self, normed_hidden: torch.Tensor, input_ids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The loss of each sequence of the batch ``input_ids`` (rows ``rows`` of the calibration set),
+        from a candidate's final-normed states."""
         ...
 
-    def lower_bound(self, current: torch.Tensor, input_ids: torch.Tensor) -> SequenceBound | None:
+    def lower_bound(
+        self, current: torch.Tensor, input_ids: torch.Tensor, rows: slice
+    ) -> SequenceBound | None:
         """A cheap lower bound on any candidate's :meth:`per_sequence` on this batch, from the current
         model's final-normed states; None if there is none (then every candidate pays the exact loss)."""
         ...
@@ -107,10 +110,12 @@ class NllObjective:
     adapter: ArchitectureAdapter
     settings: LossSettings
 
-    def per_sequence(self, normed_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def per_sequence(self, normed_hidden: torch.Tensor, input_ids: torch.Tensor, rows: slice) -> torch.Tensor:
         return sequence_nll(self.model, self.adapter, normed_hidden, input_ids, self.settings)
 
-    def lower_bound(self, current: torch.Tensor, input_ids: torch.Tensor) -> SequenceBound | None:
+    def lower_bound(
+        self, current: torch.Tensor, input_ids: torch.Tensor, rows: slice
+    ) -> SequenceBound | None:
         """The head bound (head_bound.py) on each sequence's mean; None for soft-capped logits."""
         settings = self.settings
         bound = HeadBound.from_current(

@@ -103,15 +103,21 @@ class CalibrationScorer:
         self._saved: SavedStates = {}  # each candidate's states from the last step (reuse.py)
         self.layers_run = 0  # decoder-layer forwards, for benchmarks
 
+    def prefix(self, n_rows: int) -> CalibrationScorer:
+        """A scorer on this set's first ``n_rows`` sequences, with the same loss (a screening set)."""
+        return CalibrationScorer(
+            self.prunable, self.tokens[:n_rows], self.settings, self.device, self.workers, self.objective
+        )
+
     @torch.inference_mode()
     def perplexity(self) -> float:
         """Perplexity of the model as it is now (one full forward per batch)."""
         p, model = self.prunable, self.prunable.model
         nlls = []
-        for b in range(len(self._batch_bounds())):
+        for b, rows in enumerate(self._batch_bounds()):
             ids = self._ids(b)
             hidden = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-            nlls.append(self.objective.per_sequence(hidden, ids))
+            nlls.append(self.objective.per_sequence(hidden, ids, rows))
         return perplexity_from_nll(torch.cat(nlls))
 
     @torch.inference_mode()
@@ -199,7 +205,10 @@ class CalibrationScorer:
         recorder, current = self._record(ids)
         # a lone member (the leader finishing its batches) is finished anyway: its bound would cost more
         # LM-head work than it could spare
-        bound = self.objective.lower_bound(current, ids) if step.state.lazy and len(members) > 1 else None
+        rows = self._batch_bounds()[b]
+        bound = (
+            self.objective.lower_bound(current, ids, rows) if step.state.lazy and len(members) > 1 else None
+        )
         mine = owned(self.workers, members, step.first_layers)
         tails = [step.reuse.tail_start(k, b, recorder.inputs) for k in mine]
         results = self._run_tails(step, recorder, tails, ids)
@@ -247,7 +256,7 @@ class CalibrationScorer:
     ) -> None:
         """Candidate k's loss on batch b from its final states: exact, or bounded with its head put off."""
         if bound is None:
-            state.record_exact(k, b, self.objective.per_sequence(normed, ids))
+            state.record_exact(k, b, self.objective.per_sequence(normed, ids, self._batch_bounds()[b]))
         else:
             state.record_bound(k, b, bound(normed), normed)
         state.scored_here += 1
@@ -259,7 +268,11 @@ class CalibrationScorer:
         state = step.state
         if k not in state.pending:
             return
-        pay_heads(state, k, lambda b, normed: self.objective.per_sequence(normed, self._ids(b)))
+        pay_heads(
+            state,
+            k,
+            lambda b, normed: self.objective.per_sequence(normed, self._ids(b), self._batch_bounds()[b]),
+        )
         if self.workers is not None:
             share_exact(self.workers, state, k)
         state.pending.discard(k)

@@ -10,6 +10,7 @@ from ..core.layout import ModelLayout
 from ..errors import UsageError, listing
 from ..settings import setting
 from .racing import RACE_MODES, RaceSettings
+from .screening import SCREENS, FinalistRule
 
 RATIO_ACCOUNTING = ("exact", "reference")
 
@@ -41,6 +42,7 @@ def parse_distribution(text: str) -> tuple[float, float, float]:
 
 
 METHODS = ("multipruner", "blockpruner", "shortgpt")
+OBJECTIVES = ("nll", "kl")
 DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
 
 
@@ -102,6 +104,34 @@ class SearchSettings:
         "fast: also drop those a paired test shows worse; off: score every candidate on every batch",
         choices=RACE_MODES,
     )
+    objective: str = setting(
+        "nll",
+        help="what a step minimises: nll, the calibration perplexity (the paper's); kl, the mean KL divergence "
+        "from the dense model's next-token distribution (its top --kl-top-k tokens and the rest as one "
+        "bucket; not in the paper)",
+        choices=OBJECTIVES,
+    )
+    kl_top_k: int = setting(
+        64,
+        help="--objective kl: the dense model's most likely tokens kept per position (the rest: one bucket)",
+    )
+    screen_tokens: int = setting(
+        0,
+        help="screen, then decide: every candidate is scored on this many tokens (the first sequences of its "
+        "stage's calibration set), and only the --finalists on the whole set, where the step chooses "
+        "(0: every candidate on the whole set)",
+    )
+    width_screen: str = setting(
+        "forward",
+        help="how width steps screen: forward (scored on --screen-tokens) or proxy (ranked by the share of "
+        "the branch output the dropped channels carry, one forward for all; no forward per candidate)",
+        choices=SCREENS,
+    )
+    finalists: int = setting(4, help="screened candidates scored on the whole calibration set: the best K")
+    finalist_margin: float = setting(
+        0.0,
+        help="also every screened candidate within this many nats per sequence of the screening leader",
+    )
     layer_major_mb: float = setting(
         0.0,
         help="layer-major scoring: candidates past their own layer go through each later layer in one call, "
@@ -134,6 +164,31 @@ class SearchSettings:
     def race(self) -> RaceSettings:
         return RaceSettings(mode=self.search)
 
+    @property
+    def finalist_rule(self) -> FinalistRule:
+        return FinalistRule(self.finalists, self.finalist_margin)
+
+    def screens(self, calibration: str) -> str | None:
+        """How a stage scored on the calibration set ``calibration`` screens: forward, proxy or None."""
+        if calibration == "width" and self.width_screen == "proxy":
+            return "proxy"
+        return "forward" if self.screen_tokens > 0 else None
+
+    def screen_problem(self, decision_tokens: dict[str, int]) -> str | None:
+        """Screening sets that do not fit the decision sets (``{"block": tokens, "width": tokens}``)."""
+        too_big = {
+            name: tokens
+            for name, tokens in decision_tokens.items()
+            if self.screens(name) == "forward" and self.screen_tokens >= tokens
+        }
+        if not too_big:
+            return None
+        sets = ", ".join(f"the {name} set's {tokens}" for name, tokens in too_big.items())
+        return (
+            f"--screen-tokens {self.screen_tokens} leaves no larger set to decide on ({sets} tokens): give "
+            "the stage a bigger calibration set (--block-tokens/--width-tokens), fewer --screen-tokens, or 0"
+        )
+
     def resolved(self, layout: ModelLayout) -> SearchSettings:
         """These settings with the model-dependent defaults filled in, checked against ``layout``."""
         settings = replace(
@@ -158,6 +213,19 @@ class SearchSettings:
         if self.layer_major_mb < 0:
             problems.append(
                 f"--layer-major-mb must be 0 (off) or a positive budget, got {self.layer_major_mb}"
+            )
+        if self.objective not in OBJECTIVES:
+            problems.append(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.width_screen not in SCREENS:
+            problems.append(f"unknown width screen {self.width_screen!r}; choose one of {', '.join(SCREENS)}")
+        if self.finalists < 1:
+            problems.append(
+                f"--finalists must be at least 1 (the screen's best goes on), got {self.finalists}"
+            )
+        if self.finalist_margin < 0 or self.screen_tokens < 0 or self.kl_top_k < 1:
+            problems.append(
+                "--finalist-margin and --screen-tokens must be 0 or more and --kl-top-k at least 1, got "
+                f"{self.finalist_margin}, {self.screen_tokens} and {self.kl_top_k}"
             )
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
