@@ -109,7 +109,9 @@ def test_layer_major_tails_equal_one_by_one_tails_also_when_restarted_past_their
                     assert torch.allclose(normed_lm, normed, rtol=1e-5, atol=1e-5)
                     assert set(kept_lm) == {m for m in kept if m > tail.start}
                     nll = objective.per_sequence(normed, ids, slice(None))
-                    assert objective.per_sequence(normed_lm, ids, slice(None)) == pytest.approx(nll.tolist(), rel=1e-5)
+                    assert objective.per_sequence(normed_lm, ids, slice(None)) == pytest.approx(
+                        nll.tolist(), rel=1e-5
+                    )
                 if run is tails:
                     assert ran == ran_alone
 

@@ -125,3 +125,13 @@ def test_a_run_killed_between_screening_and_deciding_resumes_to_the_same_plan(
     assert [s["finalists"] for s in steps[0]] == [s["finalists"] for s in steps[1]]
     assert any(len(s["finalists"]) < len(s["candidates"]) for s in steps[0])  # the screen did choose
     assert (killed / "pruning_config.json").read_text() == (reference / "pruning_config.json").read_text()
+
+
+def test_prune_with_kl_proxy_screen_and_finalists_runs_end_to_end(tiny_model_dir, calibration_txt, tmp_path):
+    run = tmp_path / "run"
+    flags = ("--objective", "kl", "--screen-tokens", "16", "--finalists", "2", "--width-screen", "proxy")
+    assert main(prune_args(tiny_model_dir, run, calibration_txt, *flags, "--extract", by_tokens=True)) == 0
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()[1:]]
+    assert steps and all(len(s["finalists"]) >= 1 for s in steps)
+    assert "exp(KL to the dense model)" in (run / "report.md").read_text()
+    assert (run / "model" / "model.safetensors").is_file()

@@ -40,7 +40,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             figures[name] = caption
 
     if run.steps or run.dense is not None:
-        emit(plot_trajectory(run.steps, run.dense), TRAJECTORY_PNG, "Calibration perplexity vs pruning ratio")
+        emit(
+            plot_trajectory(run.steps, run.dense, run.score_name),
+            TRAJECTORY_PNG,
+            f"{run.score_name.capitalize()} vs pruning ratio",
+        )
     if run.plan is not None and run.layout is not None:
         emit(
             plot_structure(run.plan, run.layout, run.final_ratio),

@@ -71,7 +71,9 @@ def stage_colors(stages: Sequence[str]) -> dict[str, str]:
 
 
 # --- search trajectory -----------------------------------------------------------------------------
-def plot_trajectory(steps: Sequence[StepRecord], dense: DenseRecord | None) -> Figure:
+def plot_trajectory(
+    steps: Sequence[StepRecord], dense: DenseRecord | None, score_name: str = "calibration perplexity"
+) -> Figure:
     """Calibration perplexity (log scale) of each step's choice against the pruning ratio, per stage.
 
     The width stages score on their own calibration set, so the curve jumps where they start; a dotted
@@ -122,7 +124,7 @@ def plot_trajectory(steps: Sequence[StepRecord], dense: DenseRecord | None) -> F
     else:
         ax.text(0.5, 0.5, "no steps recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("pruning ratio (% of dense parameters removed)")
-    ax.set_ylabel("calibration perplexity (log scale)")
+    ax.set_ylabel(f"{score_name} (log scale)")
     ax.set_title("Search trajectory: perplexity of the chosen candidate at each step")
     ax.grid(True, which="both", alpha=0.3)
     if points or dense_ppl:

@@ -17,6 +17,7 @@ from ..core.plan import PlanError, PruningPlan
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
 from ..search.loop import StepRecord
+from ..search.objective import SCORE_NAMES
 from ..search.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,12 @@ class RunData:
     stage_evals: tuple[tuple[str, EvalResult], ...] = ()
     # the model directories the run saved, in the same order
     saved_models: tuple[tuple[str, Path], ...] = ()
+
+    @property
+    def score_name(self) -> str:
+        """What the steps' scores are (the search's objective; runs before the setting scored by NLL)."""
+        search = self.manifest.settings.get("search", {}) if self.manifest else {}
+        return SCORE_NAMES[search.get("objective", "nll")]
 
     @property
     def dense_params(self) -> int | None:

@@ -16,10 +16,15 @@ def prune_summary(run: RunDirectory) -> str:
     plan, layout = run.plan()
     dense = run.dense_record()
     final = manifest.phases.get("search", {}).get("final_ppl", {})
+    score = (
+        "calibration exp(KL)"
+        if manifest.settings.get("search", {}).get("objective") == "kl"
+        else "calibration ppl"
+    )
     rows = [
         ("parameters", f"{layout.dense_params():,}", f"{plan.num_params(layout):,}"),
-        ("calibration ppl, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
-        ("calibration ppl, width set", f"{dense.ppl_width:.3f}", f"{final.get('width', float('nan')):.3f}"),
+        (f"{score}, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
+        (f"{score}, width set", f"{dense.ppl_width:.3f}", f"{final.get('width', float('nan')):.3f}"),
     ]
     evals = {
         w: EvalResult.read(run.eval_file(w)) for w in ("dense", *MODEL_STAGES) if run.eval_file(w).is_file()

@@ -18,7 +18,8 @@ from ..core.surgery import PrunableModel
 from ..errors import UsageError
 from ..model_sources import describe_source
 from ..search.distributed import Workers, check_world_size
-from ..search.objective import LossSettings, ignored_label
+from ..search.kl_objective import DenseTargets, KlObjective
+from ..search.objective import LossSettings, Objective, ignored_label
 from ..search.scoring import CalibrationScorer
 from ..search.settings import SearchConfigError, SearchSettings
 from .run_dir import MODEL_STAGES, ModelSource, RunDirectory, RunDirError
@@ -91,8 +92,33 @@ class RunContext:
         )
         device = job.model.torch_device()
         return {
-            k: CalibrationScorer(self.prunable, v, loss, device, self.workers) for k, v in calibration.items()
+            k: CalibrationScorer(
+                self.prunable, v, loss, device, self.workers, self._objective(v, loss, device)
+            )
+            for k, v in calibration.items()
         }
+
+    def _objective(self, tokens: torch.Tensor, loss: LossSettings, device: torch.device) -> Objective | None:
+        """The search's loss on one calibration set: None for the default NLL; for ``kl``, the dense model's
+        distribution on these tokens, computed now (the model is still dense here, also on a resume)."""
+        if self.search.objective == "nll":
+            return None
+        started = time.perf_counter()
+        targets = DenseTargets.compute(
+            self.model,
+            self.prunable.adapter,
+            tokens,
+            top_k=self.search.kl_top_k,
+            batch_size=loss.batch_size,
+            chunk_tokens=loss.chunk_tokens,
+            device=device,
+        )
+        log.info(
+            "dense targets for --objective kl on %d tokens (%.1fs)",
+            tokens.numel(),
+            time.perf_counter() - started,
+        )
+        return KlObjective(self.model, self.prunable.adapter, loss, targets)
 
     def release_workers(self, search: dict | None = None) -> None:
         """Rank 0: send the other processes the search to share (its calibration tokens and the steps

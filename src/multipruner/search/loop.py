@@ -258,8 +258,10 @@ def score_step(
     screen_loss = None
     if screen is not None:
         if screen == "proxy":
+            # measured on the screening set when there is one: one forward costs about two finalists' tails
+            tokens = screens[stage.calibration].tokens if settings.screen_tokens else scorer.tokens
             losses = width_proxy_scores(
-                prunable, candidates, scorer.tokens, scorer.settings.batch_size, scorer.device
+                prunable, candidates, tokens, scorer.settings.batch_size, scorer.device
             )
         else:
             first = screens[stage.calibration]

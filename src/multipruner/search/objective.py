@@ -82,6 +82,10 @@ def per_sequence_mean(
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+# what a step's score is called, per --objective (a step's "ppl" is exp of its mean loss per sequence)
+SCORE_NAMES = {"nll": "calibration perplexity", "kl": "calibration exp(KL to the dense model)"}
+
+
 def perplexity_from_nll(per_sequence: torch.Tensor) -> float:
     return math.exp(per_sequence.mean().item())
 

@@ -302,5 +302,5 @@ class CalibrationScorer:
         return self.tokens[self._batch_bounds()[b]].to(self.device)
 
     def _batch_bounds(self) -> list[slice]:
-        size = self.settings.batch_size
-        return [slice(start, start + size) for start in range(0, self.tokens.shape[0], size)]
+        size, rows = self.settings.batch_size, self.tokens.shape[0]
+        return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]

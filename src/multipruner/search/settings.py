@@ -124,7 +124,8 @@ class SearchSettings:
     width_screen: str = setting(
         "forward",
         help="how width steps screen: forward (scored on --screen-tokens) or proxy (ranked by the share of "
-        "the branch output the dropped channels carry, one forward for all; no forward per candidate)",
+        "the branch output the dropped channels carry, measured in one forward on the --screen-tokens, or "
+        "on the whole width set without them; no forward per candidate)",
         choices=SCREENS,
     )
     finalists: int = setting(4, help="screened candidates scored on the whole calibration set: the best K")
