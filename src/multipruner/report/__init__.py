@@ -43,7 +43,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         emit(
             plot_trajectory(run.steps, run.dense, run.score_name),
             TRAJECTORY_PNG,
-            f"{run.score_name.capitalize()} vs pruning ratio",
+            f"{run.score_name[:1].upper() + run.score_name[1:]} vs pruning ratio",
         )
     if run.plan is not None and run.layout is not None:
         emit(
