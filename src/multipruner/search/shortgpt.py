@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
+from .cost import ParamsCost
 from .loop import StepRecord, initial_plan
 from .settings import SearchSettings
 
@@ -79,10 +80,11 @@ def run_shortgpt(
     started = time.perf_counter()
     scores = block_influence(prunable, tokens, batch_size)
     order = sorted(range(layout.num_layers), key=lambda i: (scores[i], i))
+    cost = ParamsCost(layout, settings.ratio_accounting)  # the budget the greedy search measures too
     ranking = [{"kind": "layer", "op": "remove", "layer": i, "bi": scores[i]} for i in order]
     log.info("block influence, lowest first: %s", ", ".join(f"L{i} {scores[i]:.4f}" for i in order[:8]))
     for step, layer in enumerate(order):
-        if plan.ratio(layout, settings.ratio_accounting) >= settings.target_ratio:
+        if cost.reduction(plan) >= settings.target_ratio:
             break
         if len(plan.removed_attention) == layout.num_layers - 1:
             log.warning("stopping at %.2f%%: one layer must keep its attention", plan.ratio(layout))
