@@ -127,6 +127,13 @@ def test_stage_targets_and_overshoot(tiny_llama):
         (dict(distribution=(1.0, 1.0)), "distribution"),
         (dict(mlp_group_size=96), "leaves nothing of the width 96"),
         (dict(attention_group_size=16), "whole KV groups"),  # llama_gqa: units of 4 heads x 8 dims = 32
+        (
+            dict(channel_importance="gradients"),
+            "unknown channel importance 'gradients'",
+        ),  # a hand-edited run.json
+        (dict(objective="mse"), "unknown objective 'mse'"),
+        (dict(finalists=0), "--finalists must be at least 1"),
+        (dict(finalist_margin=-0.1), "--finalist-margin"),
     ],
 )
 def test_bad_settings_fail_fast(tiny_llama, kw, message):

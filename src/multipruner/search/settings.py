@@ -217,6 +217,11 @@ class SearchSettings:
             )
         if self.objective not in OBJECTIVES:
             problems.append(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.channel_importance not in CHANNEL_IMPORTANCE:
+            problems.append(
+                f"unknown channel importance {self.channel_importance!r}; choose one of "
+                f"{', '.join(CHANNEL_IMPORTANCE)}"
+            )
         if self.width_screen not in SCREENS:
             problems.append(f"unknown width screen {self.width_screen!r}; choose one of {', '.join(SCREENS)}")
         if self.finalists < 1:
