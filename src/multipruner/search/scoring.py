@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +78,8 @@ class _Step:
     reuse: StepReuse
     dtype_bytes: int  # of the model's weights and activations, for the memory budgets
     on_batch: Callable[[int], None] | None
+    keep_recordings: bool = False  # every batch's recording fits the reuse budget: record each batch once
+    recordings: dict = field(default_factory=dict)  # batch -> (recorder, final-normed states)
 
 
 class CalibrationScorer:
@@ -188,7 +190,11 @@ class CalibrationScorer:
             n_batches=len(self._batch_bounds()),
             state_mb=batch_values * dtype_bytes / 2**20,
         )
+        recordings_mb = (
+            len(self._batch_bounds()) * (p.layout.num_layers + 1) * batch_values * dtype_bytes / 2**20
+        )
         return _Step(
+            keep_recordings=race.mode == "exact" and recordings_mb <= settings.reuse_budget_mb,
             plans=plans,
             first_layers=first_layers,
             state=StepState(len(plans), lazy, weights.dtype),
@@ -202,7 +208,7 @@ class CalibrationScorer:
         if not members:
             return
         ids = self._ids(b)
-        recorder, current = self._record(ids)
+        recorder, current = self._recorded(step, b, ids)
         # a lone member (the leader finishing its batches) is finished anyway: its bound would cost more
         # LM-head work than it could spare
         rows = self._batch_bounds()[b]
@@ -221,6 +227,16 @@ class CalibrationScorer:
             share_batch(self.workers, step.state, b, mine)
             if step.on_batch:
                 step.on_batch(len(members))
+
+    def _recorded(self, step: _Step, b: int, ids: torch.Tensor) -> tuple[LayerInputRecorder, torch.Tensor]:
+        """Batch b's recording forward, run once per step where the step may keep them all (exact racing
+        visits a batch twice: once for the leader, once for the rest)."""
+        if b in step.recordings:
+            return step.recordings[b]
+        recorded = self._record(ids)
+        if step.keep_recordings:
+            step.recordings[b] = recorded
+        return recorded
 
     def _record(self, ids: torch.Tensor) -> tuple[LayerInputRecorder, torch.Tensor]:
         """One forward of the current model: every layer's inputs, and the final-normed states."""
