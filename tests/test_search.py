@@ -28,6 +28,10 @@ def _settings(prunable, **kw):
         distribution=(40.0, 40.0, 20.0),
         mlp_group_size=layout.mlp_width // 4,
         attention_group_size=layout.heads.unit_channels,
+        # the exact modes: every candidate on the whole set, by the reference's NLL (screening: test_screening)
+        objective="nll",
+        screen_tokens=0,
+        width_screen="forward",
     )
     base.update(kw)
     return SearchSettings(**base)

@@ -25,7 +25,7 @@ from ..faults import crash_point
 from .cost import ParamsCost
 from .scoring import CalibrationScorer, StepScores
 from .screening import width_proxy_scores
-from .settings import SearchConfigError, SearchSettings
+from .settings import SearchSettings
 from .stages import STAGES, Candidate, Stage
 
 log = logging.getLogger(__name__)
@@ -193,25 +193,18 @@ def run_search(
 
 
 class ScreeningSets:
-    """Each stage's screening scorer (the first sequences of its calibration set), made when first used."""
+    """Each stage's screening rows (the first sequences of its calibration set) and their scorer."""
 
     def __init__(self, scorers: dict[str, CalibrationScorer], settings: SearchSettings):
         self.scorers, self.settings = scorers, settings
-        self._made: dict[str, CalibrationScorer] = {}
+        self._made: dict[str, CalibrationScorer | None] = {}
 
-    def __getitem__(self, calibration: str) -> CalibrationScorer:
+    def get(self, calibration: str) -> CalibrationScorer | None:
+        """The scorer on the screening rows of a set, or None when the stage has none."""
         if calibration not in self._made:
             decision = self.scorers[calibration]
-            n_rows, seqlen = decision.tokens.shape
-            rows = self.settings.screen_tokens // seqlen
-            if problem := self.settings.screen_problem({calibration: n_rows * seqlen}):
-                raise SearchConfigError(problem)
-            if rows < 1:
-                raise SearchConfigError(
-                    f"--screen-tokens {self.settings.screen_tokens} is less than one calibration sequence "
-                    f"of {seqlen} tokens: give at least {seqlen}"
-                )
-            self._made[calibration] = decision.prefix(rows)
+            rows = self.settings.screen_rows(calibration, *decision.tokens.shape)
+            self._made[calibration] = decision.prefix(rows) if rows else None
         return self._made[calibration]
 
 
@@ -254,17 +247,17 @@ def score_step(
     """Score one step's candidates: all of them on the stage's set, or screen them and decide among the
     finalists on it (screening.py)."""
     layers = [c.layer for c in candidates]
-    screen = settings.screens(stage.calibration)
+    first = screens.get(stage.calibration)
+    proxy = stage.calibration == "width" and settings.width_screen == "proxy"
     screen_loss = None
-    if screen is not None:
-        if screen == "proxy":
-            # measured on the screening set when there is one: one forward costs about two finalists' tails
-            tokens = screens[stage.calibration].tokens if settings.screen_tokens else scorer.tokens
+    if proxy or first is not None:
+        if proxy:
+            # measured on the screening rows when there are: one forward costs about two finalists' tails
+            tokens = (first or scorer).tokens
             losses = width_proxy_scores(
                 prunable, candidates, tokens, scorer.settings.batch_size, scorer.device
             )
         else:
-            first = screens[stage.calibration]
             with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
                 screened = first.score(plans, layers, keys=candidates, on_batch=bar.update, race=None)
             losses = screened.sequence_nll
@@ -289,7 +282,7 @@ def score_step(
         ppl=ppl,
         best=finalists[scores.best()],
         screen_loss=screen_loss,
-        finalists=finalists if screen is not None else None,
+        finalists=finalists if screen_loss is not None else None,
     )
 
 

@@ -42,6 +42,8 @@ def parse_distribution(text: str) -> tuple[float, float, float]:
 
 
 METHODS = ("multipruner", "blockpruner", "shortgpt")
+# measured (docs/quality.md §6): a block step's best K on 1,024 tokens holds the held-out best
+DEFAULT_SCREEN_TOKENS = 1024
 OBJECTIVES = ("nll", "kl")
 DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
 
@@ -105,30 +107,33 @@ class SearchSettings:
         choices=RACE_MODES,
     )
     objective: str = setting(
-        "nll",
+        "kl",
         help="what a step minimises: nll, the calibration perplexity (the paper's); kl, the mean KL divergence "
         "from the dense model's next-token distribution (its top --kl-top-k tokens and the rest as one "
-        "bucket; not in the paper)",
+        "bucket; not in the paper; held-out regret per block step 0.006 -> 0.000 nats, docs/quality.md §6)",
         choices=OBJECTIVES,
+        until_recorded="nll",  # runs made before the setting scored by NLL: they resume that way
     )
     kl_top_k: int = setting(
         64,
         help="--objective kl: the dense model's most likely tokens kept per position (the rest: one bucket)",
     )
-    screen_tokens: int = setting(
-        0,
+    screen_tokens: int | None = setting(
+        None,
         help="screen, then decide: every candidate is scored on this many tokens (the first sequences of its "
-        "stage's calibration set), and only the --finalists on the whole set, where the step chooses "
-        "(0: every candidate on the whole set)",
+        f"stage's calibration set), and only the --finalists on the whole set, where the step chooses "
+        f"(default: {DEFAULT_SCREEN_TOKENS} where the stage's set is larger; 0: every candidate on the whole set)",
+        until_recorded=0,
     )
     width_screen: str = setting(
-        "forward",
+        "proxy",
         help="how width steps screen: forward (scored on --screen-tokens) or proxy (ranked by the share of "
         "the branch output the dropped channels carry, measured in one forward on the --screen-tokens, or "
         "on the whole width set without them; no forward per candidate)",
         choices=SCREENS,
+        until_recorded="forward",
     )
-    finalists: int = setting(4, help="screened candidates scored on the whole calibration set: the best K")
+    finalists: int = setting(3, help="screened candidates scored on the whole calibration set: the best K")
     finalist_margin: float = setting(
         0.0,
         help="also every screened candidate within this many nats per sequence of the screening leader",
@@ -169,25 +174,33 @@ class SearchSettings:
     def finalist_rule(self) -> FinalistRule:
         return FinalistRule(self.finalists, self.finalist_margin)
 
-    def screens(self, calibration: str) -> str | None:
-        """How a stage scored on the calibration set ``calibration`` screens: forward, proxy or None."""
-        if calibration == "width" and self.width_screen == "proxy":
-            return "proxy"
-        return "forward" if self.screen_tokens > 0 else None
+    def screen_rows(self, calibration: str, n_rows: int, seqlen: int) -> int:
+        """How many of a calibration set's first rows screen its stage's candidates (0: none, every
+        candidate is scored on the whole set; for a proxy screen, the rows it is measured on, 0: all)."""
+        if self.screen_tokens is None:  # the default: a screen where the set is larger than one
+            rows = max(1, DEFAULT_SCREEN_TOKENS // seqlen)
+            return rows if rows < n_rows else 0
+        if problem := self.screen_problem({calibration: n_rows * seqlen}):
+            raise SearchConfigError(problem)
+        if 0 < self.screen_tokens < seqlen:
+            raise SearchConfigError(
+                f"--screen-tokens {self.screen_tokens} is less than one calibration sequence of {seqlen} "
+                f"tokens: give at least {seqlen}, or 0"
+            )
+        return min(self.screen_tokens // seqlen, n_rows)
 
     def screen_problem(self, decision_tokens: dict[str, int]) -> str | None:
-        """Screening sets that do not fit the decision sets (``{"block": tokens, "width": tokens}``)."""
-        too_big = {
-            name: tokens
-            for name, tokens in decision_tokens.items()
-            if self.screens(name) == "forward" and self.screen_tokens >= tokens
-        }
+        """A --screen-tokens given that leaves a forward-screened stage no larger set to decide on
+        (``decision_tokens``: ``{"block": tokens, "width": tokens}``)."""
+        screen = self.screen_tokens
+        forward = [n for n in decision_tokens if n == "block" or self.width_screen == "forward"]
+        too_big = {n: decision_tokens[n] for n in forward if screen and screen >= decision_tokens[n]}
         if not too_big:
             return None
         sets = ", ".join(f"the {name} set's {tokens}" for name, tokens in too_big.items())
         return (
-            f"--screen-tokens {self.screen_tokens} leaves no larger set to decide on ({sets} tokens): give "
-            "the stage a bigger calibration set (--block-tokens/--width-tokens), fewer --screen-tokens, or 0"
+            f"--screen-tokens {screen} leaves no larger set to decide on ({sets} tokens): give the stage a "
+            "bigger calibration set (--block-tokens/--width-tokens), fewer --screen-tokens, or 0"
         )
 
     def resolved(self, layout: ModelLayout) -> SearchSettings:
@@ -228,7 +241,7 @@ class SearchSettings:
             problems.append(
                 f"--finalists must be at least 1 (the screen's best goes on), got {self.finalists}"
             )
-        if self.finalist_margin < 0 or self.screen_tokens < 0 or self.kl_top_k < 1:
+        if self.finalist_margin < 0 or (self.screen_tokens or 0) < 0 or self.kl_top_k < 1:
             problems.append(
                 "--finalist-margin and --screen-tokens must be 0 or more and --kl-top-k at least 1, got "
                 f"{self.finalist_margin}, {self.screen_tokens} and {self.kl_top_k}"
