@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..cli_options import add_settings, settings_from_args
 from .measure import evaluate
 
@@ -25,7 +27,14 @@ def add_prune(sub) -> None:
     add_settings(p, RecoverSettings, prefix="recover-", title="LoRA recovery (with --recover)")
     ref = p.add_argument_group("the reference's flags with nothing to set here")
     ref.add_argument("--do_prune", "--do-prune", action="store_true", help="run the search (always done)")
-    ref.add_argument("--importance_metric", "--importance-metric", choices=["ppl"], default="ppl")
+    ref.add_argument(
+        "--importance_metric",
+        "--importance-metric",
+        choices=["ppl"],
+        default=None,
+        help="ppl: score every candidate by calibration perplexity, as the reference does (= --objective nll "
+        "--screen-tokens 0 --width-screen forward)",
+    )
     ref.add_argument(
         "--pruned_model_config_file",
         default=None,
@@ -51,10 +60,13 @@ def cmd_prune(args) -> None:
         model = settings_from_args(ModelSettings, args)
         evaluate(model, settings_from_args(EvalSettings, args, prefix="eval-"), plan=plan)
         return
+    search = settings_from_args(SearchSettings, args)
+    if args.importance_metric == "ppl":  # the reference's published commands: its exact perplexity scoring
+        search = replace(search, objective="nll", screen_tokens=0, width_screen="forward")
     job = PruneJob(
         model=settings_from_args(ModelSettings, args),
         calibration=settings_from_args(CalibrationSettings, args),
-        search=settings_from_args(SearchSettings, args),
+        search=search,
         evaluation=settings_from_args(EvalSettings, args, prefix="eval-"),
         compensation=settings_from_args(CompensateSettings, args, prefix="compensate-"),
         recovery=settings_from_args(RecoverSettings, args, prefix="recover-"),

@@ -41,9 +41,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     if run.steps or run.dense is not None:
         emit(
-            plot_trajectory(run.steps, run.dense, run.score_name),
+            plot_trajectory(run.steps, run.dense, run.score_label),
             TRAJECTORY_PNG,
-            f"{run.score_name[:1].upper() + run.score_name[1:]} vs pruning ratio",
+            f"{run.score_label[:1].upper() + run.score_label[1:]} vs pruning ratio",
         )
     if run.plan is not None and run.layout is not None:
         emit(

@@ -91,7 +91,8 @@ def _calibration_lines(run: RunData) -> list[str]:
     }
     lines = []
     for name in CALIBRATION_SETS:
-        line = f"- **{run.score_name[:1].upper() + run.score_name[1:]}, {name} set:** {fmt(dense[name], '.3f')} (dense) → "
+        score = run.score_name(name)
+        line = f"- **{score[:1].upper() + score[1:]}, {name} set:** {fmt(dense[name], '.3f')} (dense) → "
         line += f"{fmt(final.get(name), '.3f')} (final)"
         after_blocks = run.ppl_after_stage("block")
         if name == "block" and after_blocks is not None and run.steps[-1].stage != "block":

@@ -17,7 +17,7 @@ from ..core.plan import PlanError, PruningPlan
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
 from ..search.loop import StepRecord
-from ..search.objective import SCORE_NAMES
+from ..search.objective import SCORE_NAMES, set_objective
 from ..search.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,16 @@ class RunData:
     # the model directories the run saved, in the same order
     saved_models: tuple[tuple[str, Path], ...] = ()
 
-    @property
-    def score_name(self) -> str:
-        """What the steps' scores are (the search's objective; runs before the setting scored by NLL)."""
+    def score_name(self, calibration: str) -> str:
+        """What the scores on a calibration set are (runs before --objective scored by NLL)."""
         search = self.manifest.settings.get("search", {}) if self.manifest else {}
-        return SCORE_NAMES[search.get("objective", "nll")]
+        return SCORE_NAMES[set_objective(search.get("objective", "nll"), calibration)]
+
+    @property
+    def score_label(self) -> str:
+        """The steps' scores, named once when both sets have the same, else per stage."""
+        block, width = self.score_name("block"), self.score_name("width")
+        return block if block == width else f"{block} (block steps), {width} (width steps)"
 
     @property
     def dense_params(self) -> int | None:

@@ -7,6 +7,7 @@ import json
 from ..evaluation.results import EvalResult
 from ..repair.compensate import BranchFit
 from ..run.run_dir import MODEL_STAGES, RunDirectory
+from ..search.objective import SCORE_NAMES, set_objective
 from ..tables import render_table
 
 
@@ -16,15 +17,12 @@ def prune_summary(run: RunDirectory) -> str:
     plan, layout = run.plan()
     dense = run.dense_record()
     final = manifest.phases.get("search", {}).get("final_ppl", {})
-    score = (
-        "calibration exp(KL)"
-        if manifest.settings.get("search", {}).get("objective") == "kl"
-        else "calibration ppl"
-    )
+    objective = manifest.settings.get("search", {}).get("objective", "nll")
+    score = {name: SCORE_NAMES[set_objective(objective, name)] for name in ("block", "width")}
     rows = [
         ("parameters", f"{layout.dense_params():,}", f"{plan.num_params(layout):,}"),
-        (f"{score}, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
-        (f"{score}, width set", f"{dense.ppl_width:.3f}", f"{final.get('width', float('nan')):.3f}"),
+        (f"{score['block']}, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
+        (f"{score['width']}, width set", f"{dense.ppl_width:.3f}", f"{final.get('width', float('nan')):.3f}"),
     ]
     evals = {
         w: EvalResult.read(run.eval_file(w)) for w in ("dense", *MODEL_STAGES) if run.eval_file(w).is_file()

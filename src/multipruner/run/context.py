@@ -93,15 +93,17 @@ class RunContext:
         device = job.model.torch_device()
         return {
             k: CalibrationScorer(
-                self.prunable, v, loss, device, self.workers, self._objective(v, loss, device)
+                self.prunable, v, loss, device, self.workers, self._objective(k, v, loss, device)
             )
             for k, v in calibration.items()
         }
 
-    def _objective(self, tokens: torch.Tensor, loss: LossSettings, device: torch.device) -> Objective | None:
-        """The search's loss on one calibration set: None for the default NLL; for ``kl``, the dense model's
-        distribution on these tokens, computed now (the model is still dense here, also on a resume)."""
-        if self.search.objective == "nll":
+    def _objective(
+        self, name: str, tokens: torch.Tensor, loss: LossSettings, device: torch.device
+    ) -> Objective | None:
+        """The search's loss on calibration set ``name``: None for NLL (the scorer's own); for KL, the dense
+        model's distribution on these tokens, computed now (the model is still dense here, also on a resume)."""
+        if self.search.objective_for(name) == "nll":
             return None
         started = time.perf_counter()
         targets = DenseTargets.compute(

@@ -46,7 +46,7 @@ SOURCE_SEPARATOR = "+"
 # Defaults chosen by measurement on held-out text (docs/quality.md §1, §6): the decision sets of a step;
 # every candidate is screened on the first --screen-tokens of them and only the finalists see them whole.
 DEFAULT_BLOCK_TOKENS = 4096
-DEFAULT_WIDTH_TOKENS = 8192
+DEFAULT_WIDTH_TOKENS = 4096
 DEFAULT_SEQLEN = 512
 # Below this many tokens a set's perplexity is too noisy to rank candidates on (docs/quality.md).
 SANE_MIN_TOKENS = 1024

@@ -82,8 +82,18 @@ def per_sequence_mean(
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-# what a step's score is called, per --objective (a step's "ppl" is exp of its mean loss per sequence)
+# --objective: a loss for every step, or KL on block steps and NLL on width steps (kl-block: there each
+# ranks with less held-out regret, docs/quality.md §6)
+OBJECTIVES = ("nll", "kl", "kl-block")
+# what a step's score is called, per loss (a step's "ppl" is exp of its mean loss per sequence)
 SCORE_NAMES = {"nll": "calibration perplexity", "kl": "calibration exp(KL to the dense model)"}
+
+
+def set_objective(objective: str, calibration: str) -> str:
+    """The loss (nll or kl) that ``--objective`` scores the steps on calibration set ``calibration`` by."""
+    if objective == "kl-block":
+        return "kl" if calibration == "block" else "nll"
+    return objective
 
 
 def perplexity_from_nll(per_sequence: torch.Tensor) -> float:
