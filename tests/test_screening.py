@@ -135,3 +135,25 @@ def test_prune_with_kl_proxy_screen_and_finalists_runs_end_to_end(tiny_model_dir
     assert steps and all(len(s["finalists"]) >= 1 for s in steps)
     assert "exp(KL to the dense model)" in (run / "report.md").read_text()
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_the_reference_importance_metric_selects_its_exact_perplexity_scoring(
+    tiny_model_dir, calibration_txt, tmp_path
+):
+    runs = {}
+    for name, extra in (("reference", ("--importance_metric", "ppl")), ("default", ())):
+        run = tmp_path / name
+        assert main(prune_args(tiny_model_dir, run, calibration_txt, *extra, by_tokens=True)) == 0
+        runs[name] = (
+            json.loads((run / "run.json").read_text())["settings"]["search"],
+            [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()[1:]],
+        )
+    search, steps = runs["reference"]
+    assert (search["objective"], search["screen_tokens"], search["width_screen"]) == ("nll", 0, "forward")
+    assert all(
+        s.get("finalists") is None and all(c["ppl"] is not None or c["sequences"] for c in s["candidates"])
+        for s in steps
+    )
+    search, steps = runs["default"]
+    assert (search["objective"], search["width_screen"]) == ("kl-block", "proxy")
+    assert all(s["finalists"] is not None for s in steps if s["stage"] != "block")  # width steps: the proxy
