@@ -104,7 +104,8 @@ def test_presets_write_run_directories_that_extract_eval_and_report_accept(
     )
     assert json.loads(eval_out.read_text())["meta"]["dense_params"] == plan["params"]["dense"]
     assert main(["report", str(run)]) == 0
-    assert f"{plan['removed_attention']}" in (run / "report.md").read_text()
+    removed = (plan["removed_attention"] or "none", plan["removed_mlp"] or "none")
+    assert f"- **Removed blocks:** attention {removed[0]}; MLP {removed[1]}" in (run / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

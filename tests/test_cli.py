@@ -27,7 +27,9 @@ def test_prune_end_to_end_with_extract_then_bench_finds_the_dense_model(
     run = tmp_path / "run"
     assert main(prune_args(tiny_model_dir, run, calibration_txt, "--extract")) == 0
     out = capsys.readouterr().out
-    assert "pruning ratio" in out and "calibration ppl" in out
+    # kl-block (the default objective) scores block steps by KL to the dense model, width steps by NLL
+    assert "pruning ratio" in out and "exp(KL to the dense model), block set" in out
+    assert "calibration perplexity, width set" in out
     for name in ("run.json", "calibration.safetensors", "steps.jsonl", "plan.json", "pruning_config.json"):
         assert (run / name).is_file(), name
     manifest = _manifest(run)
