@@ -126,13 +126,14 @@ class SearchSettings:
         f"(default: {DEFAULT_SCREEN_TOKENS} where the stage's set is larger; 0: every candidate on the whole set)",
         until_recorded=0,
     )
+    # forward: over a whole SmolLM2 width stage the proxy's top 3 held the step's choice in 5 of 33 steps
+    # (benchmarks/proxy_recall.py, docs/quality.md §6), and its cuts piled up in layers 12-19
     width_screen: str = setting(
-        "proxy",
+        "forward",
         help="how width steps screen: forward (scored on --screen-tokens) or proxy (ranked by the share of "
         "the branch output the dropped channels carry, measured in one forward on the --screen-tokens, or "
-        "on the whole width set without them; no forward per candidate)",
+        "on the whole width set without them; no forward per candidate, but a poor ranking: docs/quality.md §6)",
         choices=SCREENS,
-        until_recorded="forward",
     )
     finalists: int = setting(3, help="screened candidates scored on the whole calibration set: the best K")
     finalist_margin: float = setting(
