@@ -105,7 +105,9 @@ def test_presets_write_run_directories_that_extract_eval_and_report_accept(
     assert json.loads(eval_out.read_text())["meta"]["dense_params"] == plan["params"]["dense"]
     assert main(["report", str(run)]) == 0
     removed = (plan["removed_attention"] or "none", plan["removed_mlp"] or "none")
-    assert f"- **Removed blocks:** attention {removed[0]}; MLP {removed[1]}" in (run / "report.md").read_text()
+    assert (
+        f"- **Removed blocks:** attention {removed[0]}; MLP {removed[1]}" in (run / "report.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
