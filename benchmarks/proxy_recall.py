@@ -8,7 +8,7 @@ proxy variants on the same screening tokens, and reports, per variant:
 * the rank of the step's choice (the decision set's best) in the proxy's order (1: the proxy's first);
 * the rank of the forward screen's best;
 * how many of the forward screen's top K the proxy's top K holds;
-* the layers each ranks first, over the whole stage (where a biased proxy piles up its cuts).
+* the layer it ranks first at each step (where a biased proxy piles up its cuts).
 
 Variants (the share ``s_t`` a candidate's dropped channels add to its branch output at token t, and the
 residual stream ``h_t`` entering its layer):
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -54,14 +53,10 @@ def proxy_variants(
     ratio = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
     last_stream: dict[int, torch.Tensor] = {}  # layer -> |h_t|^2 of the current batch
-    outputs = {}
+    outputs = {}  # each candidate's branch output projection -> the candidate
     for k, c in enumerate(candidates):
-        module = (
-            adapter.mlp_module(layers[c.layer])
-            if c.kind == "mlp"
-            else adapter.attention_module(layers[c.layer])
-        )
-        outputs[getattr(module, adapter.mlp_out_proj if c.kind == "mlp" else adapter.o_proj)] = k
+        branch = getattr(layers[c.layer], adapter.branch(c.kind).module)
+        outputs[getattr(branch, adapter.output_projection(c.kind))] = k
 
     def on_out(module, args):
         k = outputs[module]
@@ -108,14 +103,14 @@ def main() -> None:
     run = RunDirectory(args.run)
     manifest = run.manifest()
     model, _ = load_model(args.model or manifest.source.spec)
-    final, layout = run.plan()
+    final, _ = run.plan()
     prunable = PrunableModel.prepare(model, True, final.channel_order)
     settings = from_dict(SearchSettings, manifest.settings["search"]).resolved(prunable.layout)
     tokens = run.load_calibration()["width"]
     tokens = tokens[: settings.screen_rows("width", tokens.shape[0], tokens.shape[1]) or tokens.shape[0]]
     batch = manifest.settings["calibration"]["batch_size"]
     records = [StepRecord.from_dict(r) for r in run.step_records()]
-    rows, firsts = [], {v: Counter() for v in (*VARIANTS, "chosen")}
+    rows = []
     for prev, record in zip(records, records[1:], strict=False):
         if record.stage not in ("mlp_width", "attn_width"):
             continue
@@ -135,7 +130,6 @@ def main() -> None:
             "chosen_layer": cands[chosen].layer,
             "n": len(cands),
         }
-        firsts["chosen"][cands[chosen].layer] += 1
         for v in VARIANTS:
             order = sorted(range(len(cands)), key=lambda k: scores[v][k].item())
             row[v] = {
@@ -144,7 +138,6 @@ def main() -> None:
                 "top_k_overlap": len(set(order[: args.top_k]) & set(fwd_order[: args.top_k])) / args.top_k,
                 "first_layer": cands[order[0]].layer,
             }
-            firsts[v][cands[order[0]].layer] += 1
         rows.append(row)
         print(
             f"step {record.step:3d} {record.stage:10s} chosen L{cands[chosen].layer:2d}  "

@@ -78,11 +78,8 @@ def width_proxy_scores(
     for k, c in enumerate(candidates):
         if c.op != "shrink":
             raise ValueError(f"the proxy screen ranks width candidates only, not {c.kind} {c.op}")
-        if c.kind == "mlp":
-            out = getattr(adapter.mlp_module(layers[c.layer]), adapter.mlp_out_proj)
-        else:
-            out = getattr(adapter.attention_module(layers[c.layer]), adapter.o_proj)
-        dropped[out] = (k, c.width)
+        branch = getattr(layers[c.layer], adapter.branch(c.kind).module)
+        dropped[getattr(branch, adapter.output_projection(c.kind))] = (k, c.width)
     removed = torch.zeros(len(candidates), dtype=torch.float64)
     stream = torch.zeros(len(candidates), dtype=torch.float64)
     layer_of = {c.layer: k for k, c in enumerate(candidates)}
