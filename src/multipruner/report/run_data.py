@@ -17,8 +17,10 @@ from ..core.plan import PlanError, PruningPlan
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
 from ..search.loop import StepRecord
-from ..search.objective import SCORE_NAMES, set_objective
+from ..search.objective import SCORE_NAMES
+from ..search.settings import SearchSettings
 from ..search.stages import STAGES
+from ..settings import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ def mean_label(tasks: list[str]) -> str:
 
 
 # --- the run ---------------------------------------------------------------------------------------
+def score_name(search: dict, calibration: str) -> str:
+    """What a run's scores on a calibration set are, from its stored search settings (a run made before
+    --objective resumes, and is named, as its settings' unrecorded values say)."""
+    return SCORE_NAMES[from_dict(SearchSettings, search).objective_for(calibration)]
+
+
 @dataclass(frozen=True)
 class RunData:
     run_dir: Path
@@ -103,8 +111,7 @@ class RunData:
 
     def score_name(self, calibration: str) -> str:
         """What the scores on a calibration set are (runs before --objective scored by NLL)."""
-        search = self.manifest.settings.get("search", {}) if self.manifest else {}
-        return SCORE_NAMES[set_objective(search.get("objective", "nll"), calibration)]
+        return score_name(self.manifest.settings.get("search", {}) if self.manifest else {}, calibration)
 
     @property
     def score_label(self) -> str:

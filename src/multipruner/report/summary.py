@@ -7,8 +7,8 @@ import json
 from ..evaluation.results import EvalResult
 from ..repair.compensate import BranchFit
 from ..run.run_dir import MODEL_STAGES, RunDirectory
-from ..search.objective import SCORE_NAMES, set_objective
 from ..tables import render_table
+from .run_data import score_name
 
 
 def prune_summary(run: RunDirectory) -> str:
@@ -17,8 +17,7 @@ def prune_summary(run: RunDirectory) -> str:
     plan, layout = run.plan()
     dense = run.dense_record()
     final = manifest.phases.get("search", {}).get("final_ppl", {})
-    objective = manifest.settings.get("search", {}).get("objective", "nll")
-    score = {name: SCORE_NAMES[set_objective(objective, name)] for name in ("block", "width")}
+    score = {name: score_name(manifest.settings.get("search", {}), name) for name in ("block", "width")}
     rows = [
         ("parameters", f"{layout.dense_params():,}", f"{plan.num_params(layout):,}"),
         (f"{score['block']}, block set", f"{dense.ppl:.3f}", f"{final.get('block', float('nan')):.3f}"),
