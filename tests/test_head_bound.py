@@ -60,12 +60,12 @@ def test_bound_with_an_lm_head_bias(tiny_llama, token_ids):
     assert _check(tiny_llama, token_ids, top_k=2) is not None
 
 
-def test_heads_are_put_off_only_when_racing_with_a_bound_and_the_states_fit():
+def test_heads_are_put_off_only_when_selecting_with_a_bound_and_the_states_fit():
     fits = dict(candidates=10, state_values=2**20, dtype_bytes=2)  # 20 MB of final states
-    assert lazy_heads(racing=True, top_k=16, budget_mb=20.0, **fits)
-    assert not lazy_heads(racing=True, top_k=16, budget_mb=19.9, **fits)
-    assert not lazy_heads(racing=False, top_k=16, budget_mb=1e9, **fits)
-    assert not lazy_heads(racing=True, top_k=0, budget_mb=1e9, **fits)
+    assert lazy_heads(selecting=True, top_k=16, budget_mb=20.0, **fits)
+    assert not lazy_heads(selecting=True, top_k=16, budget_mb=19.9, **fits)
+    assert not lazy_heads(selecting=False, top_k=16, budget_mb=1e9, **fits)
+    assert not lazy_heads(selecting=True, top_k=0, budget_mb=1e9, **fits)
 
 
 def _bounded_state(exact: dict[int, float], bounds: dict[int, float]) -> StepState:
@@ -100,3 +100,31 @@ def test_settle_stops_at_the_first_bound_above_the_best_total():
     paid = []
     settle(state, {0, 1, 2}, paid.append)  # a finish that learns nothing: the best stays 5.0
     assert paid == [2]
+
+
+def _paying(state: StepState, paid: list[int]):
+    def finish(k: int) -> None:
+        paid.append(k)
+        pay_heads(state, k, lambda b, final_states: final_states)  # the "exact loss": bound + 0.5
+        state.pending.discard(k)
+
+    return finish
+
+
+def test_settle_for_the_top_two_pays_until_the_second_best_total_beats_every_bound():
+    # exact: 0 at 10.0; bounded (exactly bound + 0.5): 1 (9.5), 2 (9.9), 3 (10.45), 4 (11.5)
+    state = _bounded_state({0: 10.0}, {1: 9.0, 2: 9.4, 3: 9.95, 4: 11.0})
+    paid = []
+    settle(state, {0, 1, 2, 3, 4}, _paying(state, paid), top=2)
+    # after 1 and 2 the second best total is 9.9, below 3's bound: 3 and 4 cannot be in the top two
+    assert paid == [1, 2]
+    assert state.pending == {3, 4}
+
+
+def test_settle_within_a_margin_pays_every_candidate_that_may_be_near_the_best():
+    state = _bounded_state({0: 10.0}, {1: 9.0, 2: 10.05, 3: 10.2})
+    paid = []
+    settle(state, {0, 1, 2, 3}, _paying(state, paid), within=0.6)
+    # the best becomes 9.5 (1): 2's bound (10.05) may be within 0.6 of it, 3's (10.2) may not
+    assert paid == [1, 2]
+    assert state.pending == {3}

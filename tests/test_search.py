@@ -11,6 +11,7 @@ from multipruner import PrunableModel, PruningPlan
 from multipruner.search.loop import initial_plan, run_search
 from multipruner.search.objective import LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search.racing import RaceSettings, exact_survivors, paired_survivors
+from multipruner.search.screening import FinalistRule
 from multipruner.search.scoring import CalibrationScorer
 from multipruner.search.settings import SearchConfigError, SearchSettings
 from multipruner.search.stages import STAGES, Candidate
@@ -341,6 +342,22 @@ def test_racing_choice_equals_full_scoring_with_the_worst_candidate_first(
     assert raced.ppl[0] is None
     # without the head bound the worst is dropped by partial sums; with it, its LM head is never paid
     assert (raced.skipped_batches if head_bound_top_k == 0 else raced.bounded_batches) > 0
+
+
+@pytest.mark.parametrize("rule", [FinalistRule(1), FinalistRule(3), FinalistRule(2, margin=0.05)])
+def test_a_screen_paying_only_the_heads_that_may_be_finalists_picks_what_exact_screening_picks(
+    counting_llama, rule
+):
+    scorer, plans, layers = _block_step(counting_llama())
+    full = scorer.score(plans, layers, race=RaceSettings(mode="off"))
+    screened = scorer.score(plans, layers, finalists=rule)
+    assert rule.pick(screened.sequence_lower) == rule.pick(full.sequence_nll)
+    for k in rule.pick(full.sequence_nll):
+        assert torch.equal(screened.sequence_lower[k], full.sequence_nll[k])
+        assert screened.ppl[k] == pytest.approx(full.ppl[k], rel=1e-9)
+    for lower, exact in zip(screened.sequence_lower, full.sequence_nll, strict=True):
+        assert (lower <= exact + 1e-5).all()  # the far candidates keep a bound, never more than their loss
+    assert screened.bounded_batches > 0  # and their heads were never paid
 
 
 def test_exact_racing_with_tied_candidates_keeps_the_first(counting_llama):

@@ -217,6 +217,7 @@ class StepOutcome:
     ppl: list[float | None]  # decision-set perplexity; None: not scored to the end there
     best: int
     screen_loss: list[float] | None = None
+    screen_bounded: list[bool] | None = None  # screen_loss is a lower bound (the head was never paid)
     finalists: list[int] | None = None
 
     def candidate_records(self, candidates: list[Candidate]) -> list[dict]:
@@ -229,6 +230,8 @@ class StepOutcome:
                 record |= {"partial_ppl": self.scores.partial_ppl[i], "sequences": self.scores.sequences[i]}
             if self.screen_loss is not None:
                 record["screen_loss"] = self.screen_loss[k]
+            if self.screen_bounded and self.screen_bounded[k]:
+                record["screen_loss_is_bound"] = True
             records.append(record)
         return records
 
@@ -249,7 +252,7 @@ def score_step(
     layers = [c.layer for c in candidates]
     first = screens.get(stage.calibration)
     proxy = stage.calibration == "width" and settings.width_screen == "proxy"
-    screen_loss = None
+    screen_loss = screen_bounded = None
     if proxy or first is not None:
         if proxy:
             # measured on the screening rows when there are: one forward costs about two finalists' tails
@@ -257,10 +260,16 @@ def score_step(
             losses = width_proxy_scores(
                 prunable, candidates, tokens, scorer.settings.batch_size, scorer.device
             )
+            screen_bounded = None
         else:
             with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
-                screened = first.score(plans, layers, keys=candidates, on_batch=bar.update, race=None)
-            losses = screened.sequence_nll
+                screened = first.score(
+                    plans, layers, keys=candidates, on_batch=bar.update, finalists=settings.finalist_rule
+                )
+            # a candidate whose head the screen never paid has a lower bound here, which already ranks it
+            # behind every finalist
+            losses = screened.sequence_lower
+            screen_bounded = [p is None for p in screened.ppl]
         screen_loss = [t.double().mean().item() for t in losses]
         finalists = settings.finalist_rule.pick(losses)
         crash_point("screened")
@@ -282,6 +291,7 @@ def score_step(
         ppl=ppl,
         best=finalists[scores.best()],
         screen_loss=screen_loss,
+        screen_bounded=screen_bounded,
         finalists=finalists if screen_loss is not None else None,
     )
 

@@ -27,7 +27,7 @@ from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
 from ..faults import crash_point
 from .distributed import Workers, owned, share_batch, share_exact
-from .head_bound import lazy_heads, pay_heads, settle
+from .head_bound import BOUND_MIN_CANDIDATES, lazy_heads, pay_heads, settle
 from .layer_major import candidates_per_call, run_tails_layer_major
 from .objective import (
     LossSettings,
@@ -39,6 +39,7 @@ from .objective import (
 from .racing import RaceSettings, paired_survivors
 from .recorder import LayerInputRecorder
 from .reuse import SavedStates, StepReuse, keep_rule
+from .screening import FinalistRule
 from .step_state import StepState
 from .tails import Tail, TailResult, run_tails_one_by_one
 
@@ -57,6 +58,8 @@ class StepScores:
     total_batches: int
     bounded_batches: int = 0  # candidate-batches run whose full LM head the head bound made unnecessary
     batches_by_process: list[int] | None = None  # with torchrun: candidate-batches each process ran
+    # sequence_nll, or a lower bound on it where the candidate's LM head was never paid (a screen's far ones)
+    sequence_lower: list[torch.Tensor] = field(default_factory=list)
 
     def best(self) -> int:
         """Index of the lowest perplexity (the first one on ties)."""
@@ -130,16 +133,23 @@ class CalibrationScorer:
         keys: Sequence[Hashable] | None = None,
         on_batch: Callable[[int], None] | None = None,
         race: RaceSettings | None = None,
+        finalists: FinalistRule | None = None,
     ) -> StepScores:
-        """Perplexity of each plan (None for a candidate eliminated by ``race``).
+        """Perplexity of each plan (None for a candidate eliminated by ``race``, or whose exact loss a
+        screen for ``finalists`` did not need).
 
         ``first_layers[k]``: the first layer where plan k differs from the current plan. ``keys[k]``: an
         identity of the candidate that stays the same across steps (enables cross-step reuse).
+        ``finalists``: a screen (with ``race`` off): every candidate is scored on every sequence, but only
+        those that may be finalists pay their LM head; the others keep a lower bound
+        (``StepScores.sequence_lower``), which already ranks them behind the finalists.
         """
         race = race or RaceSettings(mode="off")
+        if finalists is not None and race.mode != "off":
+            raise ValueError("a screen scores every candidate on every sequence: give it no racing")
         keys = list(keys) if keys is not None else [None] * len(plans)
         n_batches = len(self._batch_bounds())
-        step = self._start_step(plans, first_layers, keys, on_batch, race)
+        step = self._start_step(plans, first_layers, keys, on_batch, race, screening=finalists is not None)
         state = step.state
         alive = set(range(len(plans)))
         if race.mode == "exact" and len(plans) > 1:
@@ -163,11 +173,15 @@ class CalibrationScorer:
                     for k in sorted(alive):
                         self._finish(step, k)
                     alive = paired_survivors({k: state.sequence_nll(k) for k in alive}, race.z)
-        settle(state, alive, lambda k: self._finish(step, k))
+        if finalists is None:
+            settle(state, alive, lambda k: self._finish(step, k))
+        else:  # the pick's margin is a mean over the sequences; settle compares totals
+            within = finalists.margin * self.tokens.shape[0]
+            settle(state, alive, lambda k: self._finish(step, k), top=finalists.top_k, within=within)
         self._saved = step.reuse.fresh  # candidates that are gone (chosen, or of another stage) free memory
         return self._scores(state, n_batches, on_batch)
 
-    def _start_step(self, plans, first_layers, keys, on_batch, race: RaceSettings) -> _Step:
+    def _start_step(self, plans, first_layers, keys, on_batch, race: RaceSettings, screening: bool) -> _Step:
         """The step's state, with the choices its strategies make from the memory they may use."""
         p, settings = self.prunable, self.settings
         weights = next(p.model.parameters())
@@ -175,7 +189,7 @@ class CalibrationScorer:
         # under torchrun every process must decide alike, so each sizes the largest share, not its own
         busiest = len(first_layers) if self.workers is None else self.workers.largest_share(first_layers)
         lazy = lazy_heads(
-            racing=race.mode != "off",
+            selecting=race.mode != "off" or screening,
             top_k=settings.head_bound_top_k,
             budget_mb=settings.head_bound_budget_mb,
             candidates=busiest,
@@ -209,12 +223,11 @@ class CalibrationScorer:
             return
         ids = self._ids(b)
         recorder, current = self._recorded(step, b, ids)
-        # a lone member (the leader finishing its batches) is finished anyway: its bound would cost more
-        # LM-head work than it could spare
+        # with few members (the leader finishing its batches, a step's last finalists) the bound would cost
+        # more LM-head work than it could spare
         rows = self._batch_bounds()[b]
-        bound = (
-            self.objective.lower_bound(current, ids, rows) if step.state.lazy and len(members) > 1 else None
-        )
+        worth = step.state.lazy and len(members) >= BOUND_MIN_CANDIDATES
+        bound = self.objective.lower_bound(current, ids, rows) if worth else None
         mine = owned(self.workers, members, step.first_layers)
         tails = [step.reuse.tail_start(k, b, recorder.inputs) for k in mine]
         results = self._run_tails(step, recorder, tails, ids)
@@ -308,6 +321,7 @@ class CalibrationScorer:
             partial_ppl=[state.partial_ppl(k) for k in candidates],
             sequences=[state.sequences_scored(k) for k in candidates],
             sequence_nll=[state.sequence_nll(k) if state.nll[k] else torch.empty(0) for k in candidates],
+            sequence_lower=[state.sequence_lower(k) for k in candidates],
             skipped_batches=skipped,
             total_batches=n_batches * len(state),
             bounded_batches=sum(state.batches_run(k) - len(state.nll[k]) for k in candidates),

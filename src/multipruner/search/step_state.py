@@ -50,6 +50,12 @@ class StepState:
             return torch.empty(0)
         return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])
 
+    def sequence_lower(self, k: int) -> torch.Tensor:
+        """Candidate k's per-sequence losses, or lower bounds where its LM head is still put off."""
+        if not self.lower[k]:
+            return torch.empty(0)
+        return torch.cat([self.lower[k][b] for b in sorted(self.lower[k])])
+
     def batches_run(self, k: int) -> int:
         return len(self.lower[k])
 
