@@ -11,8 +11,8 @@ from multipruner import PrunableModel, PruningPlan
 from multipruner.search.loop import initial_plan, run_search
 from multipruner.search.objective import LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search.racing import RaceSettings, exact_survivors, paired_survivors
-from multipruner.search.screening import FinalistRule
 from multipruner.search.scoring import CalibrationScorer
+from multipruner.search.screening import FinalistRule
 from multipruner.search.settings import SearchConfigError, SearchSettings
 from multipruner.search.stages import STAGES, Candidate
 
