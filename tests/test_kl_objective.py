@@ -91,7 +91,9 @@ def test_whole_vocabulary_targets_give_the_full_kl(dense, candidate, tokens):
     got = kl.per_sequence(normed_states(candidate, tokens), tokens, ALL_ROWS)
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert kl.lower_bound(normed_states(dense, tokens), tokens, ALL_ROWS) is None
+    # no tail: the bound, from the LM-head rows of every token, is the KL itself
+    bound = kl.lower_bound(normed_states(dense, tokens), tokens, ALL_ROWS)
+    torch.testing.assert_close(bound(normed_states(candidate, tokens)), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_top_k_kl_is_below_the_full_kl_within_the_stated_bound(dense, candidate, tokens):
@@ -123,6 +125,30 @@ def test_top_k_kl_is_below_the_full_kl_within_the_stated_bound(dense, candidate,
     assert (gap > 1e-4).all()  # coarsening loses something here, so the comparisons below have teeth
     assert (coarse <= full.mean(dim=1) + 1e-6).all()
     assert (gap <= bound + 1e-6).all()
+
+
+def test_the_bound_falls_short_of_the_top_k_kl_by_the_binary_kl_of_the_tail_masses(dense, candidate, tokens):
+    kl = objective(dense, tokens, top_k=4, chunk_tokens=5)
+    states = normed_states(candidate, tokens)
+    coarse = kl.per_sequence(states, tokens, ALL_ROWS)
+    bound = kl.lower_bound(normed_states(dense, tokens), tokens, ALL_ROWS)(states)
+
+    log_q = full_log_probs(candidate, tokens).reshape(-1, VOCAB)
+    in_tail = torch.ones_like(log_q, dtype=torch.bool).scatter_(
+        1, kl.targets.top_ids.reshape(-1, 4).long(), False
+    )
+    q_tail = log_q.masked_fill(~in_tail, -torch.inf).logsumexp(dim=1).exp()
+    p_tail = kl.targets.tail_logprob.reshape(-1).exp()
+    assert p_tail.min() > 0.01 and (q_tail - p_tail).abs().max() > 0.01  # the tails differ: a real gap
+    binary_kl = p_tail * (p_tail / q_tail).log() + (1 - p_tail) * ((1 - p_tail) / (1 - q_tail)).log()
+    torch.testing.assert_close(
+        coarse - bound, binary_kl.view(tokens.shape[0], -1).mean(dim=1), atol=2e-5, rtol=1e-4
+    )
+    assert (bound <= coarse + 1e-6).all()
+
+    # the dense model's own states: both are 0
+    own = kl.lower_bound(normed_states(dense, tokens), tokens, ALL_ROWS)(normed_states(dense, tokens))
+    torch.testing.assert_close(own, torch.zeros_like(own), atol=1e-5, rtol=0)
 
 
 def test_ignored_labels_are_left_out(dense, candidate, tokens):
@@ -180,16 +206,18 @@ def test_zero_probabilities_give_no_nan():
     assert kl.item() == pytest.approx(-LOG_PROB_FLOOR)  # 1 * (0 - floor); the 0 * log 0 terms count 0
 
 
-def test_a_kl_search_chooses_what_brute_force_kl_chooses(tiny_llama):
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_a_kl_search_chooses_what_brute_force_kl_chooses(tiny_llama, top_k):
     """The search with the KL objective: every scored candidate's step loss is exp(mean KL) computed by hand
-    from full forwards of the candidate and the dense model, and the choice is the lowest."""
+    from full forwards of the candidate and the dense model, and the choice is the lowest. With a top-4,
+    the bound (below that KL) rules candidates out of racing without changing any choice."""
 
     prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     tokens = _calibration(tiny_llama.config.vocab_size, n=4)
     loss = LossSettings(batch_size=2)
     vocab = tiny_llama.config.vocab_size
     targets = DenseTargets.compute(
-        tiny_llama, prunable.adapter, tokens, top_k=vocab, batch_size=2, chunk_tokens=1024
+        tiny_llama, prunable.adapter, tokens, top_k=top_k or vocab, batch_size=2, chunk_tokens=1024
     )
     objective = KlObjective(tiny_llama, prunable.adapter, loss, targets)
     scorers = {k: CalibrationScorer(prunable, tokens, loss, objective=objective) for k in ("block", "width")}
@@ -201,17 +229,32 @@ def test_a_kl_search_chooses_what_brute_force_kl_chooses(tiny_llama):
     assert records and plan.ratio(prunable.layout) > 0
 
     base = initial_plan(prunable.layout, settings.resolved(prunable.layout))
+    bounded = 0
     for rec in records:
         brute = []
         for cand in rec.candidates:
             with prunable.trial(Candidate.from_dict(cand).apply(base)), torch.no_grad():
                 q = F.log_softmax(tiny_llama(tokens).logits[:, :-1].float(), dim=-1)
-            per_sequence = (dense.exp() * (dense - q)).sum(-1).mean(-1)
+            if top_k is None:
+                per_sequence = (dense.exp() * (dense - q)).sum(-1).mean(-1)
+            else:  # the top-4 KL, from the candidate's full log-probabilities
+                ids = targets.top_ids.long()
+                cand_tail = q.scatter(-1, ids, -torch.inf).logsumexp(-1)
+                per_position = coarse_kl(
+                    targets.top_logprobs.reshape(-1, top_k),
+                    targets.tail_logprob.reshape(-1),
+                    q.gather(-1, ids).reshape(-1, top_k),
+                    cand_tail.reshape(-1),
+                )
+                per_sequence = per_position.view(tokens.shape[0], -1).mean(-1)
             brute.append(math.exp(per_sequence.mean().item()))
         scored = [k for k, c in enumerate(rec.candidates) if c["ppl"] is not None]
         assert [rec.candidates[k]["ppl"] for k in scored] == pytest.approx(
             [brute[k] for k in scored], rel=1e-4
         )
+        bounded += rec.bounded_batches
         best = min(range(len(brute)), key=lambda k: (brute[k], k))
         assert Candidate.from_dict(rec.candidates[best]) == Candidate.from_dict(rec.choice)
         base = Candidate.from_dict(rec.choice).apply(base)
+    if top_k is not None:
+        assert bounded > 0  # the bound spared some candidates their LM head

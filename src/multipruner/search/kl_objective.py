@@ -25,7 +25,16 @@ and the gap of a sequence's mean is at most the same (masked) mean of this bound
 tail mass; it is not small where the candidate puts almost nothing on some tail token, which is the price
 of not storing the dense tail.
 
-The KL has no cheap lower bound like the NLL's head bound, so every candidate pays its LM head.
+A lower bound that needs only the LM-head rows of ``T`` (:meth:`KlObjective.lower_bound`). With ``S_T``,
+``S`` the candidate's sums of ``e^{z_v}`` over ``T`` and over the other tokens, the coarse KL is
+``c - sum_T p_v z_v + log(S_T + S) - p_t log S``; over ``S`` that is smallest at ``S = p_t S_T / (1 - p_t)``
+(the candidate's tail mass equal to the dense one), where it is
+
+    coarse KL >= (1 - p_t) * KL(P_T || Q_T),   P_T, Q_T: P and Q renormalised on T,
+
+short of the coarse KL by exactly the binary KL between the two tail masses, which is second order
+where they are close. It holds for any logits, soft-capped ones included. A screen pays the full LM head
+only for the candidates whose bound may still make them finalists (head_bound.settle).
 """
 
 from __future__ import annotations
@@ -185,5 +194,28 @@ class KlObjective:
     def lower_bound(
         self, current: torch.Tensor, input_ids: torch.Tensor, rows: slice
     ) -> SequenceBound | None:
-        """None: the KL has no cheap bound, every candidate pays its LM head."""
-        return None
+        """``(1 - p_t) KL(P_T || Q_T)`` per sequence (module docstring), from the LM-head rows of the dense
+        top tokens of each chunk of positions only; ``current`` is not needed."""
+        targets, k = self.targets, self.targets.top_k
+        top_ids = targets.top_ids[rows].reshape(-1, k)
+        top_logprobs = targets.top_logprobs[rows].reshape(-1, k)
+        device = current.device
+        chunks = []  # per chunk of positions: its top tokens, each position's indices into them, P_T
+        for start in range(0, top_ids.shape[0], self.settings.chunk_tokens):
+            span = slice(start, start + self.settings.chunk_tokens)
+            tokens, where = torch.unique(top_ids[span].to(device, torch.int64), return_inverse=True)
+            dense = top_logprobs[span].to(device)
+            kept = dense.logsumexp(dim=1)  # log(1 - p_t): the mass on T
+            chunks.append((span, tokens, where, dense - kept[:, None], kept.exp()))
+
+        def bound(normed: torch.Tensor) -> torch.Tensor:
+            hidden = normed[:, :-1].reshape(-1, normed.shape[-1])
+            kl = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for span, tokens, where, log_p, mass in chunks:
+                logits = self.adapter.logits_for_tokens(self.model, hidden[span], tokens).float()
+                log_q = F.log_softmax(logits.gather(1, where), dim=1)
+                p_top = log_p.exp()
+                kl[span] = mass * torch.where(p_top > 0, p_top * (log_p - log_q), 0.0).sum(dim=1)
+            return per_sequence_mean(kl, input_ids, self.settings)
+
+        return bound

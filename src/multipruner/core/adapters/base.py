@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UsageError
@@ -153,7 +154,17 @@ class ArchitectureAdapter:
 
     def logits_from_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the decoder's *final-normed* hidden states (applies the family's logit soft-capping)."""
-        logits = self.lm_head(model)(hidden)
+        return self._soft_capped(model, self.lm_head(model)(hidden))
+
+    def logits_for_tokens(
+        self, model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The logits of ``token_ids`` only ([..., len(token_ids)]): a few LM-head rows instead of all."""
+        head = self.lm_head(model)
+        bias = None if head.bias is None else head.bias[token_ids]
+        return self._soft_capped(model, F.linear(hidden, head.weight[token_ids], bias))
+
+    def _soft_capped(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         softcap = self.logit_softcap(model)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
