@@ -16,11 +16,13 @@ from test_search import _calibration, _search_equals_brute_force, _settings
 
 from multipruner import PrunableModel
 from multipruner.cli import main
+from multipruner.search.kl_objective import DenseTargets, KlObjective
 from multipruner.search.loop import initial_plan, run_search
 from multipruner.search.objective import LossSettings
+from multipruner.search.racing import RaceSettings
 from multipruner.search.scoring import CalibrationScorer
 from multipruner.search.screening import FinalistRule, width_proxy_scores
-from multipruner.search.stages import width_candidates
+from multipruner.search.stages import STAGES, width_candidates
 
 
 @pytest.mark.parametrize("mode", ["off", "exact"])
@@ -61,6 +63,40 @@ def test_few_finalists_choose_the_best_of_them_on_the_decision_set(tiny_llama):
             **{x: rec.candidates[best][x] for x in ("kind", "op", "layer", "width")},
             "ppl": decided[best],
         }
+
+
+@pytest.mark.parametrize("objective", ["nll", "kl"])
+@pytest.mark.parametrize("mode", ["off", "exact"])
+def test_finalists_carrying_their_screen_losses_score_what_the_whole_decision_set_scores(
+    tiny_llama, objective, mode
+):
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
+    tokens = _calibration(tiny_llama.config.vocab_size, n=6)
+    loss = LossSettings(batch_size=2, head_bound_top_k=1)
+    kl = None
+    if objective == "kl":  # targets for the whole set: the rest's rows must read theirs, not the first
+        targets = DenseTargets.compute(
+            tiny_llama, prunable.adapter, tokens, top_k=4, batch_size=2, chunk_tokens=1024
+        )
+        kl = KlObjective(tiny_llama, prunable.adapter, loss, targets)
+    whole = CalibrationScorer(prunable, tokens, loss, objective=kl)
+    settings = _settings(prunable).resolved(prunable.layout)
+    plan = initial_plan(prunable.layout, settings)
+    cands = STAGES[0].candidates(plan, settings)
+    plans, layers = [c.apply(plan) for c in cands], [c.layer for c in cands]
+    race = RaceSettings(mode=mode)
+    expected = whole.score(plans, layers, race=RaceSettings(mode="off"))
+
+    screen, rest = whole.part(slice(0, 2)), whole.part(slice(2, None))
+    screened = screen.score(plans, layers, finalists=FinalistRule(len(plans)))
+    carried = rest.score(plans, layers, race=race, carried=screened.sequence_nll)
+    assert carried.best() == expected.best()
+    for k, ppl in enumerate(carried.ppl):
+        if ppl is not None or mode == "off":
+            assert ppl == pytest.approx(expected.ppl[k], rel=1e-6)
+            assert carried.sequences[k] == 6
+    # the rest's own batches only: the carried rows are never run again
+    assert carried.total_batches == 2 * len(plans)
 
 
 @pytest.mark.parametrize("seed", range(20))

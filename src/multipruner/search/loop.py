@@ -193,18 +193,28 @@ def run_search(
 
 
 class ScreeningSets:
-    """Each stage's screening rows (the first sequences of its calibration set) and their scorer."""
+    """Each stage's screening rows (the first sequences of its calibration set) and their scorer, and one
+    on the set's other rows, where a forward screen's finalists finish their decision-set scores."""
 
     def __init__(self, scorers: dict[str, CalibrationScorer], settings: SearchSettings):
         self.scorers, self.settings = scorers, settings
-        self._made: dict[str, CalibrationScorer | None] = {}
+        self._made: dict[str, tuple[CalibrationScorer, CalibrationScorer] | None] = {}
 
     def get(self, calibration: str) -> CalibrationScorer | None:
         """The scorer on the screening rows of a set, or None when the stage has none."""
+        made = self._parts(calibration)
+        return made[0] if made else None
+
+    def rest(self, calibration: str) -> CalibrationScorer:
+        """The scorer on the decision set's rows after the screening rows."""
+        return self._parts(calibration)[1]
+
+    def _parts(self, calibration: str) -> tuple[CalibrationScorer, CalibrationScorer] | None:
         if calibration not in self._made:
             decision = self.scorers[calibration]
             rows = self.settings.screen_rows(calibration, *decision.tokens.shape)
-            self._made[calibration] = decision.prefix(rows) if rows else None
+            made = (decision.part(slice(0, rows)), decision.part(slice(rows, None))) if rows else None
+            self._made[calibration] = made
         return self._made[calibration]
 
 
@@ -252,7 +262,7 @@ def score_step(
     layers = [c.layer for c in candidates]
     first = screens.get(stage.calibration)
     proxy = stage.calibration == "width" and settings.width_screen == "proxy"
-    screen_loss = screen_bounded = None
+    screen_loss = screen_bounded = carried = None
     if proxy or first is not None:
         if proxy:
             # measured on the screening rows when there are: one forward costs about two finalists' tails
@@ -272,6 +282,9 @@ def score_step(
             screen_bounded = [p is None for p in screened.ppl]
         screen_loss = [t.double().mean().item() for t in losses]
         finalists = settings.finalist_rule.pick(losses)
+        if not proxy:  # the finalists' screening losses are exact, and the decision set's first rows
+            scorer = screens.rest(stage.calibration)
+            carried = [screened.sequence_nll[k] for k in finalists]
         crash_point("screened")
     else:
         finalists = list(range(len(candidates)))
@@ -282,6 +295,7 @@ def score_step(
             keys=[candidates[k] for k in finalists],
             on_batch=bar.update,
             race=settings.race,
+            carried=carried,
         )
     ppl: list[float | None] = [None] * len(candidates)
     for i, k in enumerate(finalists):

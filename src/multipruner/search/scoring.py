@@ -96,6 +96,7 @@ class CalibrationScorer:
         device: str | torch.device = "cpu",
         workers: Workers | None = None,
         objective: Objective | None = None,
+        first_row: int = 0,
     ):
         if tokens.ndim != 2 or tokens.shape[0] == 0:
             raise ValueError("calibration tokens must be a non-empty [sequences, seqlen] tensor")
@@ -105,13 +106,21 @@ class CalibrationScorer:
         self.device = torch.device(device)
         self.workers = workers  # other processes scoring a share of each step's candidates (torchrun)
         self.objective = objective or NllObjective(prunable.model, prunable.adapter, settings)
+        self.first_row = first_row  # of these tokens in the set the objective was made for (its targets)
         self._saved: SavedStates = {}  # each candidate's states from the last step (reuse.py)
         self.layers_run = 0  # decoder-layer forwards, for benchmarks
 
-    def prefix(self, n_rows: int) -> CalibrationScorer:
-        """A scorer on this set's first ``n_rows`` sequences, with the same loss (a screening set)."""
+    def part(self, rows: slice) -> CalibrationScorer:
+        """A scorer on some of this set's sequences, with the same loss (a screening set: the first rows;
+        the decision set's others). Its objective still reads this set's targets: rows are re-based."""
         return CalibrationScorer(
-            self.prunable, self.tokens[:n_rows], self.settings, self.device, self.workers, self.objective
+            self.prunable,
+            self.tokens[rows],
+            self.settings,
+            self.device,
+            self.workers,
+            self.objective,
+            first_row=self.first_row + (rows.start or 0),
         )
 
     @torch.inference_mode()
@@ -119,10 +128,10 @@ class CalibrationScorer:
         """Perplexity of the model as it is now (one full forward per batch)."""
         p, model = self.prunable, self.prunable.model
         nlls = []
-        for b, rows in enumerate(self._batch_bounds()):
+        for b in range(len(self._batch_bounds())):
             ids = self._ids(b)
             hidden = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-            nlls.append(self.objective.per_sequence(hidden, ids, rows))
+            nlls.append(self.objective.per_sequence(hidden, ids, self._objective_rows(b)))
         return perplexity_from_nll(torch.cat(nlls))
 
     @torch.inference_mode()
@@ -134,6 +143,7 @@ class CalibrationScorer:
         on_batch: Callable[[int], None] | None = None,
         race: RaceSettings | None = None,
         finalists: FinalistRule | None = None,
+        carried: Sequence[torch.Tensor] | None = None,
     ) -> StepScores:
         """Perplexity of each plan (None for a candidate eliminated by ``race``, or whose exact loss a
         screen for ``finalists`` did not need).
@@ -143,6 +153,9 @@ class CalibrationScorer:
         ``finalists``: a screen (with ``race`` off): every candidate is scored on every sequence, but only
         those that may be finalists pay their LM head; the others keep a lower bound
         (``StepScores.sequence_lower``), which already ranks them behind the finalists.
+        ``carried[k]``: plan k's exact per-sequence losses on sequences before this scorer's (a screen's
+        finalists, on the rows their decision set shares with the screen): they count in every sum,
+        racing included, and in the perplexity, which is then over both.
         """
         race = race or RaceSettings(mode="off")
         if finalists is not None and race.mode != "off":
@@ -151,6 +164,8 @@ class CalibrationScorer:
         n_batches = len(self._batch_bounds())
         step = self._start_step(plans, first_layers, keys, on_batch, race, screening=finalists is not None)
         state = step.state
+        for k, nll in enumerate(carried or []):
+            state.carry(k, nll)
         alive = set(range(len(plans)))
         if race.mode == "exact" and len(plans) > 1:
             self._batch(step, 0, alive)
@@ -225,9 +240,8 @@ class CalibrationScorer:
         recorder, current = self._recorded(step, b, ids)
         # with few members (the leader finishing its batches, a step's last finalists) the bound would cost
         # more LM-head work than it could spare
-        rows = self._batch_bounds()[b]
         worth = step.state.lazy and len(members) >= BOUND_MIN_CANDIDATES
-        bound = self.objective.lower_bound(current, ids, rows) if worth else None
+        bound = self.objective.lower_bound(current, ids, self._objective_rows(b)) if worth else None
         mine = owned(self.workers, members, step.first_layers)
         tails = [step.reuse.tail_start(k, b, recorder.inputs) for k in mine]
         results = self._run_tails(step, recorder, tails, ids)
@@ -285,7 +299,7 @@ class CalibrationScorer:
     ) -> None:
         """Candidate k's loss on batch b from its final states: exact, or bounded with its head put off."""
         if bound is None:
-            state.record_exact(k, b, self.objective.per_sequence(normed, ids, self._batch_bounds()[b]))
+            state.record_exact(k, b, self.objective.per_sequence(normed, ids, self._objective_rows(b)))
         else:
             state.record_bound(k, b, bound(normed), normed)
         state.scored_here += 1
@@ -300,17 +314,17 @@ class CalibrationScorer:
         pay_heads(
             state,
             k,
-            lambda b, normed: self.objective.per_sequence(normed, self._ids(b), self._batch_bounds()[b]),
+            lambda b, normed: self.objective.per_sequence(normed, self._ids(b), self._objective_rows(b)),
         )
         if self.workers is not None:
             share_exact(self.workers, state, k)
         state.pending.discard(k)
 
     def _scores(self, state: StepState, n_batches: int, on_batch) -> StepScores:
-        total = self.tokens.shape[0]
         candidates = range(len(state))
+        totals = [self.tokens.shape[0] + state.carried_sequences(k) for k in candidates]
         ppl = [
-            math.exp(state.partial_sum(k) / total) if state.exact_sequences(k) == total else None
+            math.exp(state.partial_sum(k) / totals[k]) if state.exact_sequences(k) == totals[k] else None
             for k in candidates
         ]
         skipped = sum(n_batches - state.batches_run(k) for k in candidates)
@@ -324,12 +338,17 @@ class CalibrationScorer:
             sequence_lower=[state.sequence_lower(k) for k in candidates],
             skipped_batches=skipped,
             total_batches=n_batches * len(state),
-            bounded_batches=sum(state.batches_run(k) - len(state.nll[k]) for k in candidates),
+            bounded_batches=sum(state.batches_run(k) - state.exact_batches(k) for k in candidates),
             batches_by_process=None if self.workers is None else self.workers.all_gather(state.scored_here),
         )
 
     def _ids(self, b: int) -> torch.Tensor:
         return self.tokens[self._batch_bounds()[b]].to(self.device)
+
+    def _objective_rows(self, b: int) -> slice:
+        """Batch b's rows in the set the objective was made for."""
+        rows = self._batch_bounds()[b]
+        return slice(self.first_row + rows.start, self.first_row + rows.stop)
 
     def _batch_bounds(self) -> list[slice]:
         size, rows = self.settings.batch_size, self.tokens.shape[0]

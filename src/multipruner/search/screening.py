@@ -5,8 +5,11 @@ Exact scoring spends the same compute on every candidate, although most of them 
 stay small, and a choice made on a small set fits its noise (docs/quality.md §1). Here every candidate is
 *screened* (scored on the first sequences of its stage's calibration set, or, for width steps, ranked
 by a proxy that needs no forward per candidate), and only the *finalists* are scored on the whole set,
-the *decision set*, where the step's choice is made. With every candidate a finalist the choice is the
-one exact scoring on the decision set makes.
+the *decision set*, where the step's choice is made. A forward screen has already scored them exactly on
+the first rows, so they carry those losses over and run only the decision set's other rows. A screen
+pays the LM head only for the candidates that may be finalists (head_bound.settle); the others keep a
+lower bound, which ranks them behind. With every candidate a finalist the choice is the one exact
+scoring on the decision set makes.
 
 Finalists: the ``top_k`` best on the screen, plus (``margin`` > 0) every candidate whose mean paired
 difference to the screening leader, over the same sequences, is at most ``margin`` nats.

@@ -13,6 +13,10 @@ import torch
 
 from .racing import exact_survivors
 
+# the batch key of the losses a step starts with: known exactly on sequences before the scorer's own (a
+# screen's, on the rows it shares with the decision set); first in every sum, never run again
+CARRIED = -1
+
 
 class StepState:
     """Per-candidate losses of one step, by batch.
@@ -38,6 +42,13 @@ class StepState:
     def record_exact(self, k: int, b: int, nll: torch.Tensor) -> None:
         self.nll[k][b] = self.lower[k][b] = nll
 
+    def carry(self, k: int, nll: torch.Tensor) -> None:
+        """Candidate k's exact per-sequence losses on the sequences before this step's set."""
+        self.record_exact(k, CARRIED, nll)
+
+    def carried_sequences(self, k: int) -> int:
+        return self.nll[k][CARRIED].numel() if CARRIED in self.nll[k] else 0
+
     def record_bound(self, k: int, b: int, lower: torch.Tensor, final_states: torch.Tensor) -> None:
         """A lower bound on candidate k's loss on batch b; its final states wait for the LM head."""
         self.lower[k][b] = lower
@@ -57,7 +68,11 @@ class StepState:
         return torch.cat([self.lower[k][b] for b in sorted(self.lower[k])])
 
     def batches_run(self, k: int) -> int:
-        return len(self.lower[k])
+        return sum(1 for b in self.lower[k] if b != CARRIED)
+
+    def exact_batches(self, k: int) -> int:
+        """Batches run whose exact loss is known (their LM head paid)."""
+        return sum(1 for b in self.nll[k] if b != CARRIED)
 
     def sequences_scored(self, k: int) -> int:
         return sum(t.numel() for t in self.lower[k].values())
