@@ -18,9 +18,39 @@ from multipruner.search.loop import initial_plan
 from multipruner.search.objective import LossSettings, NllObjective
 from multipruner.search.racing import RaceSettings
 from multipruner.search.recorder import LayerInputRecorder, layer_output
+from multipruner.search.recordings import carried_over, record
 from multipruner.search.reuse import StepReuse, first_difference, keep_rule
 from multipruner.search.scoring import CalibrationScorer
 from multipruner.search.stages import STAGES, Candidate
+
+# --- recordings carried across steps ---
+
+
+@pytest.mark.parametrize("stage", [0, 1])  # a block step, an MLP-width step
+def test_the_next_steps_recordings_are_the_winners_states_equal_to_a_forward(tiny_model, stage):
+    prunable = PrunableModel.prepare(tiny_model, weight_reorder=True)
+    tokens = _calibration(tiny_model.config.vocab_size, n=4)
+    scorer = CalibrationScorer(prunable, tokens, LossSettings(batch_size=2))
+    settings = _settings(prunable).resolved(prunable.layout)
+    plan = initial_plan(prunable.layout, settings)
+    prunable.apply(plan)
+    cands = STAGES[stage].candidates(plan, settings)
+    scores = scorer.score([c.apply(plan) for c in cands], [c.layer for c in cands], keys=cands)
+    winner = cands[scores.best()].apply(plan)
+    prunable.apply(winner)
+    with torch.inference_mode():
+        for b in range(2):
+            derived = carried_over(scorer._recordings.get(b), winner, scorer._saved, b)
+            assert derived is not None and derived.final is None  # no forward ran for it
+            fresh = record(prunable, tokens[2 * b : 2 * b + 2])
+            assert len(derived.inputs) == len(fresh.inputs)
+            for got, want in zip(derived.inputs, fresh.inputs, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(derived.current(prunable), fresh.final, atol=1e-5, rtol=1e-5)
+    # a plan no candidate of the last step had (two of their changes at once): recorded again
+    other = cands[scores.best() - 1].apply(winner)
+    assert carried_over(scorer._recordings.get(0), other, scorer._saved, 0) is None
+
 
 # --- recorder ---
 

@@ -10,6 +10,7 @@ The scorer below runs one step's loop (racing.py: exact, fast, or off) over a :c
 these strategies, each in its own module:
 
 * reuse.py: a candidate restarts from its own states of the last step where they are still valid;
+* recordings.py: a step's recordings come from the last step's and its winner's states, not a forward;
 * layer_major.py: tails run layer by layer, many candidates per layer call;
 * head_bound.py: a lower bound on the loss rules candidates out before their LM head is paid;
 * distributed.py: under torchrun, processes share the candidates and exchange their losses.
@@ -37,7 +38,7 @@ from .objective import (
     perplexity_from_nll,
 )
 from .racing import RaceSettings, paired_survivors
-from .recorder import LayerInputRecorder
+from .recordings import Recording, carried_over, record
 from .reuse import SavedStates, StepReuse, keep_rule
 from .screening import FinalistRule
 from .step_state import StepState
@@ -81,8 +82,10 @@ class _Step:
     reuse: StepReuse
     dtype_bytes: int  # of the model's weights and activations, for the memory budgets
     on_batch: Callable[[int], None] | None
-    keep_recordings: bool = False  # every batch's recording fits the reuse budget: record each batch once
-    recordings: dict = field(default_factory=dict)  # batch -> (recorder, final-normed states)
+    # every batch's recording fits the reuse budget: each batch is recorded once per step (exact racing
+    # visits a batch twice), and the next step derives its recordings from these (recordings.py)
+    keep_recordings: bool = False
+    recordings: dict[int, Recording] = field(default_factory=dict)
 
 
 class CalibrationScorer:
@@ -109,6 +112,7 @@ class CalibrationScorer:
         self.first_row = first_row  # of these tokens in the set the objective was made for (its targets)
         self._saved: SavedStates = {}  # each candidate's states from the last step (reuse.py)
         self.layers_run = 0  # decoder-layer forwards, for benchmarks
+        self._recordings: dict[int, Recording] = {}  # the last step's, by batch (recordings.py)
 
     def part(self, rows: slice) -> CalibrationScorer:
         """A scorer on some of this set's sequences, with the same loss (a screening set: the first rows;
@@ -194,6 +198,7 @@ class CalibrationScorer:
             within = finalists.margin * self.tokens.shape[0]
             settle(state, alive, lambda k: self._finish(step, k), top=finalists.top_k, within=within)
         self._saved = step.reuse.fresh  # candidates that are gone (chosen, or of another stage) free memory
+        self._recordings = step.recordings
         return self._scores(state, n_batches, on_batch)
 
     def _start_step(self, plans, first_layers, keys, on_batch, race: RaceSettings, screening: bool) -> _Step:
@@ -223,7 +228,7 @@ class CalibrationScorer:
             len(self._batch_bounds()) * (p.layout.num_layers + 1) * batch_values * dtype_bytes / 2**20
         )
         return _Step(
-            keep_recordings=race.mode == "exact" and recordings_mb <= settings.reuse_budget_mb,
+            keep_recordings=recordings_mb <= settings.reuse_budget_mb,
             plans=plans,
             first_layers=first_layers,
             state=StepState(len(plans), lazy, weights.dtype),
@@ -237,14 +242,16 @@ class CalibrationScorer:
         if not members:
             return
         ids = self._ids(b)
-        recorder, current = self._recorded(step, b, ids)
+        recording = self._recorded(step, b, ids)
         # with few members (the leader finishing its batches, a step's last finalists) the bound would cost
         # more LM-head work than it could spare
-        worth = step.state.lazy and len(members) >= BOUND_MIN_CANDIDATES
-        bound = self.objective.lower_bound(current, ids, self._objective_rows(b)) if worth else None
+        bound = None
+        if step.state.lazy and len(members) >= BOUND_MIN_CANDIDATES:
+            current = recording.current(self.prunable)
+            bound = self.objective.lower_bound(current, ids, self._objective_rows(b))
         mine = owned(self.workers, members, step.first_layers)
-        tails = [step.reuse.tail_start(k, b, recorder.inputs) for k in mine]
-        results = self._run_tails(step, recorder, tails, ids)
+        tails = [step.reuse.tail_start(k, b, recording.inputs) for k in mine]
+        results = self._run_tails(step, recording, tails, ids)
         for tail, (normed, kept) in zip(tails, results, strict=True):
             self._record_loss(step.state, tail.candidate, b, normed, ids, bound)
             step.reuse.keep_states(tail, b, kept)
@@ -255,36 +262,37 @@ class CalibrationScorer:
             if step.on_batch:
                 step.on_batch(len(members))
 
-    def _recorded(self, step: _Step, b: int, ids: torch.Tensor) -> tuple[LayerInputRecorder, torch.Tensor]:
-        """Batch b's recording forward, run once per step where the step may keep them all (exact racing
-        visits a batch twice: once for the leader, once for the rest)."""
+    def _recorded(self, step: _Step, b: int, ids: torch.Tensor) -> Recording:
+        """Batch b's recording: kept from earlier in this step, derived from the last step's, or one
+        forward of the current model."""
         if b in step.recordings:
             return step.recordings[b]
-        recorded = self._record(ids)
+        recording = carried_over(self._recordings.get(b), self.prunable.plan, self._saved, b)
+        if recording is None:
+            recording = record(self.prunable, ids)
+            self.layers_run += self.prunable.layout.num_layers
         if step.keep_recordings:
-            step.recordings[b] = recorded
-        return recorded
-
-    def _record(self, ids: torch.Tensor) -> tuple[LayerInputRecorder, torch.Tensor]:
-        """One forward of the current model: every layer's inputs, and the final-normed states."""
-        p, model = self.prunable, self.prunable.model
-        layers = p.adapter.layers(model)
-        with LayerInputRecorder(layers) as recorder:
-            current = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-            self.layers_run += len(layers)
-        return recorder, current
+            step.recordings[b] = recording
+        return recording
 
     def _run_tails(
-        self, step: _Step, recorder: LayerInputRecorder, tails: list[Tail], ids: torch.Tensor
+        self, step: _Step, recording: Recording, tails: list[Tail], ids: torch.Tensor
     ) -> list[TailResult]:
         p, budget_mb = self.prunable, self.settings.layer_major_budget_mb
         if budget_mb > 0:
             chunk = candidates_per_call(p.layout, ids.shape, step.dtype_bytes, budget_mb)
             results, ran = run_tails_layer_major(
-                p, recorder.kwargs, tails, step.first_layers, step.plans, ids.shape[0], chunk, step.reuse.keep
+                p,
+                recording.kwargs,
+                tails,
+                step.first_layers,
+                step.plans,
+                ids.shape[0],
+                chunk,
+                step.reuse.keep,
             )
         else:
-            results, ran = run_tails_one_by_one(p, recorder.kwargs, tails, step.plans, step.reuse.keep)
+            results, ran = run_tails_one_by_one(p, recording.kwargs, tails, step.plans, step.reuse.keep)
         self.layers_run += ran
         return results
 
