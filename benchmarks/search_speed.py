@@ -37,7 +37,7 @@ from multipruner.core.surgery import PrunableModel
 from multipruner.models import load_model, resolve_dtype
 from multipruner.run.run_dir import RunDirectory
 from multipruner.search.calibration import CalibrationSettings
-from multipruner.search.loop import StepRecord, initial_plan, run_search
+from multipruner.search.loop import StepRecord, initial_plan, new_steps
 from multipruner.search.objective import LossSettings, full_forward_perplexity, ignored_label
 from multipruner.search.scoring import CalibrationScorer, StepScores
 from multipruner.search.settings import SearchSettings
@@ -295,16 +295,8 @@ def whole_run(args) -> None:
             scorers = {k: FullForwardScorer(prunable, v, loss) for k, v in sets.items()}
         else:
             scorers = {k: CalibrationScorer(prunable, v, loss, args.device) for k, v in sets.items()}
-        records = []
         started = time.perf_counter()
-        run_search(
-            prunable,
-            scorers,
-            settings,
-            done_steps=done,
-            on_step=lambda r, p, out=records: out.append(r),
-            progress=False,
-        )
+        records = new_steps(prunable, scorers, settings, done)
         elapsed = time.perf_counter() - started
         peak = ""
         if torch.cuda.is_available() and args.device.startswith("cuda"):

@@ -192,6 +192,18 @@ def run_search(
     return plan
 
 
+def new_steps(
+    prunable: PrunableModel,
+    scorers: dict[str, CalibrationScorer],
+    settings: SearchSettings,
+    done_steps: list[StepRecord] | None = None,
+) -> list[StepRecord]:
+    """The steps a search (or its continuation after ``done_steps``) makes, quietly: for benchmarks."""
+    records: list[StepRecord] = []
+    run_search(prunable, scorers, settings, done_steps, lambda record, plan: records.append(record), False)
+    return records
+
+
 class ScreeningSets:
     """Each stage's screening rows (the first sequences of its calibration set) and their scorer, and one
     on the set's other rows, where a forward screen's finalists finish their decision-set scores."""

@@ -36,7 +36,9 @@ class LossSettings:
     ignore_index: int | None = None
     chunk_tokens: int = 1024
     batch_size: int = 2
-    reuse_budget_mb: float = 2048.0  # hidden states kept between steps (0 disables cross-step reuse)
+    # hidden states kept between steps: the candidates' (reuse.py) and, apart, the batches' recordings
+    # (recordings.py), each within this (0 disables both)
+    reuse_budget_mb: float = 2048.0
     # layer-major scoring: candidates whose tails reach a layer with the same modules pass it in one call,
     # up to this much activation memory per call (0: one candidate at a time)
     layer_major_budget_mb: float = 0.0
