@@ -33,7 +33,7 @@ from multipruner.settings import from_dict
 
 # setting -> (calibration set sizes, search settings over the run's own)
 SETTINGS = {
-    "defaults": ({}, {}),
+    "defaults": ({}, dict(screen_tokens=None)),  # None: the default screen (a missing key reads as 0)
     "earlier": (
         dict(block_tokens=2048, width_tokens=1024),
         dict(objective="nll", screen_tokens=0, width_screen="forward"),
@@ -62,9 +62,7 @@ def main() -> None:
     model, tokenizer = load_model(manifest.source.spec, dtype=manifest.settings["model"]["dtype"])
     done = [StepRecord.from_dict(r) for r in run.step_records() if r["step"] >= 0][: args.after]
     prunable = PrunableModel.prepare(model, True, run.plan()[0].channel_order)
-    run_settings = {
-        k: v for k, v in manifest.settings["search"].items() if k not in ("max_steps", "screen_tokens")
-    }
+    run_settings = {k: v for k, v in manifest.settings["search"].items() if k != "max_steps"}
     calibration = manifest.settings["calibration"]
     for name in args.settings.split(","):
         sizes, search = SETTINGS[name]
