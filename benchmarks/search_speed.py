@@ -290,7 +290,10 @@ def whole_run(args) -> None:
             head_bound_top_k=top_k,
             layer_major_budget_mb=layer_major_mb,
         )
-        settings = replace(SearchSettings(**base, search=race), max_steps=len(done) + args.whole_run)
+        # the exact scorer on every candidate, by NLL (today's defaults screen, and score block steps by KL,
+        # which these scorers are not given)
+        exact = dict(objective="nll", screen_tokens=0, width_screen="forward")
+        settings = replace(SearchSettings(**base, **exact, search=race), max_steps=len(done) + args.whole_run)
         if kind == "full":
             scorers = {k: FullForwardScorer(prunable, v, loss) for k, v in sets.items()}
         else:
