@@ -151,13 +151,14 @@ def settle(
     """Exact totals (``finish``) for every candidate in ``alive`` that may still be among the ``top`` best
     totals, or within ``within`` of the best, lowest bound first; the others keep their bound (it already
     exceeds the ``top``-th best total found, and the best plus ``within``)."""
+    threshold = _threshold(state, alive, top, within)
     for k in sorted(alive, key=lambda k: (state.lower_sum(k), k)):
         if k not in state.pending:
             continue
-        threshold = _threshold(state, alive, top, within)
         if threshold < math.inf and not state.may_win({k}, threshold):
             break
         finish(k)
+        threshold = _threshold(state, alive, top, within)  # only a finished total can lower it
 
 
 def _threshold(state: StepState, alive: set[int], top: int, within: float) -> float:

@@ -282,7 +282,6 @@ def score_step(
             losses = width_proxy_scores(
                 prunable, candidates, tokens, scorer.settings.batch_size, scorer.device
             )
-            screen_bounded = None
         else:
             with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
                 screened = first.score(

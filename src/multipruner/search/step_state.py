@@ -57,15 +57,11 @@ class StepState:
 
     def sequence_nll(self, k: int) -> torch.Tensor:
         """Candidate k's exact per-sequence losses, in sequence order (empty while only bounded)."""
-        if not self.nll[k]:
-            return torch.empty(0)
-        return torch.cat([self.nll[k][b] for b in sorted(self.nll[k])])
+        return _in_batch_order(self.nll[k])
 
     def sequence_lower(self, k: int) -> torch.Tensor:
         """Candidate k's per-sequence losses, or lower bounds where its LM head is still put off."""
-        if not self.lower[k]:
-            return torch.empty(0)
-        return torch.cat([self.lower[k][b] for b in sorted(self.lower[k])])
+        return _in_batch_order(self.lower[k])
 
     def batches_run(self, k: int) -> int:
         return sum(1 for b in self.lower[k] if b != CARRIED)
@@ -96,3 +92,8 @@ class StepState:
         """The candidates whose loss so far (or its lower bound) does not yet exceed a finished total."""
         slack = self.margin * abs(bound) if self.lazy else 0.0
         return exact_survivors({k: self.lower_sum(k) for k in candidates}, bound + slack)
+
+
+def _in_batch_order(by_batch: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence values of the batches held, in sequence order (empty if none)."""
+    return torch.cat([by_batch[b] for b in sorted(by_batch)]) if by_batch else torch.empty(0)
