@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, adapter_for
@@ -117,6 +118,9 @@ class PrunableModel:
             for n in branch.norms:
                 setattr(layer, n, RemovedNorm())
 
+    # a fused projection's kept rows are a new tensor: made in a scorer's inference mode it would be an
+    # inference tensor, which a later extraction in the same process cannot load into a model
+    @torch.inference_mode(False)
     def _set_width(self, kind: str, layer_idx: int, full: dict[str, int], kept: dict[str, int]) -> None:
         """Keep the first ``kept[p]`` rows of each input projection ``p`` and the matching output columns."""
         a = self.adapter
