@@ -199,6 +199,26 @@ CASES = [
         "three non-negative numbers",
     ),
     ("distribution-zero-sum", lambda w: w.prune("--pruning_distribution", "0:0:0"), "distribution"),
+    ("budget-no-measure", lambda w: w.prune("--budget", "20%"), "give MEASURE=VALUE"),
+    ("budget-bad-unit", lambda w: w.prune("--budget", "weights=3 furlongs"), "unknown unit 'furlongs'"),
+    ("budget-not-a-number", lambda w: w.prune("--budget", "weights=lots"), "not a number with"),
+    ("budget-factor-below-one", lambda w: w.prune("--budget", "flops=0.5x"), "a factor must be more than 1"),
+    (
+        "budget-unreachable",
+        lambda w: w.prune("--budget", "flops=50x"),
+        "cannot be reached: the most this model can lose of its flops is",
+    ),
+    ("budget-already-met", lambda w: w.prune("--budget", "weights=1GB"), "within it; nothing to remove"),
+    (
+        "budget-kv-split-over-mlp",
+        lambda w: w.prune("--budget", "kv=25%"),
+        "MLP channels hold no KV cache",
+    ),
+    (
+        "auto-with-blockpruner",
+        lambda w: w.prune("--method", "blockpruner", "--pruning_distribution", "auto"),
+        "--distribution auto weighs all three dimensions",
+    ),
     ("distribution-negative", lambda w: w.prune("--pruning_distribution", "-1:1:1"), "three non-negative"),
     (
         "mlp-group-zero",
@@ -759,6 +779,9 @@ def _text(world: World, name: str, content: bytes, suffix: str) -> str:
 # Cases whose refusal needs the loaded model (its layout, its context length, its tokenizer, its modules);
 # every other case must be refused before any model loads.
 NEEDS_THE_MODEL = {
+    "budget-unreachable",  # what the model can give: its layout
+    "budget-already-met",
+    "budget-kv-split-over-mlp",
     "seqlen-beyond-context",  # the model's context length
     "attention-group-not-kv-groups",  # the model's head layout
     "mlp-group-whole-width",  # the model's MLP width

@@ -254,13 +254,13 @@ def test_the_searchs_params_cost_is_the_plans_ratio_in_either_accounting(layout,
 
     from test_surgery import random_plan
 
-    from multipruner.search.cost import ParamsCost
+    from multipruner.search.cost import Cost
 
-    cost = ParamsCost(layout, accounting)
+    cost = Cost(layout, "params", accounting)
     plans = [PruningPlan.dense(layout), *(random_plan(layout, random.Random(seed)) for seed in range(8))]
     assert [cost.reduction(p) for p in plans] == [p.ratio(layout, accounting) for p in plans]
     assert cost.reduction(PruningPlan.dense(layout)) == 0.0
     # the accounting is honoured: a removed block's norms count in one and not the other
     removed = PruningPlan.dense(layout).without_block("mlp", 0)
     other = "exact" if accounting == "reference" else "reference"
-    assert cost.reduction(removed) != ParamsCost(layout, other).reduction(removed)
+    assert cost.reduction(removed) != Cost(layout, "params", other).reduction(removed)

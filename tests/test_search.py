@@ -112,7 +112,7 @@ def test_stage_targets_and_overshoot(tiny_llama):
     settings = _settings(prunable, target_ratio=30.0, distribution=(50, 50, 0))
     records = []
     run_search(prunable, scorers, settings, on_step=lambda rec, plan: records.append(rec), progress=False)
-    t_block, t_mlp, t_all = settings.stage_targets()
+    t_block, t_mlp, t_all = settings.stage_targets(settings.target_ratio)
     assert (t_block, t_mlp, t_all) == pytest.approx((15.0, 30.0, 30.0))
     blocks = [r for r in records if r.stage == "block"]
     mlp = [r for r in records if r.stage == "mlp_width"]

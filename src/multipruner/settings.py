@@ -95,7 +95,7 @@ def from_dict(cls, data: dict):
         if f.name not in data:
             continue
         value = data[f.name]
-        if typing.get_origin(kind) is tuple and value is not None:
+        if typing.get_origin(kind) is tuple and isinstance(value, list):
             value = tuple(value)
         values[f.name] = value
     return cls(**values)

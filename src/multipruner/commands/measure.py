@@ -108,6 +108,15 @@ def add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _latency_budget(model: str) -> dict | None:
+    """The latency budget a pruned model directory's plan was searched for, if any."""
+    from ..core.checkpoint import saved_plan_data
+
+    data = saved_plan_data(model) if Path(model).is_dir() else None
+    budget = ((data or {}).get("meta") or {}).get("budget")
+    return budget if budget and budget.get("workload") else None
+
+
 def cmd_bench(args) -> None:
     from ..evaluation.speed import BenchSettings, measure_side_by_side
     from ..evaluation.speed_comparison import compare_speed, format_speed_table
@@ -143,5 +152,15 @@ def cmd_bench(args) -> None:
     )
     comparison = compare_speed(results)
     print(format_speed_table(comparison))
+    if budget := _latency_budget(args.model):
+        from ..search.latency import measured_speedup
+
+        kind, batch_size, context = budget["workload"]
+        speedup = measured_speedup(dense, pruned, budget["workload"], settings.repeats)
+        comparison["budget"] = {**budget, "measured_speedup": speedup, "repeats": settings.repeats}
+        print(
+            f"budget {budget['text']}: measured {kind} speed-up {speedup:.3f}x (batch {batch_size}, context "
+            f"{context}, the median of {settings.repeats}, as the search's latency table timed it)"
+        )
     if args.output:
         atomic_write_text(Path(args.output), json.dumps(comparison, indent=2) + "\n")

@@ -32,6 +32,10 @@ class ModelLayout:
     # norms over a whole query / key projection (OLMo 2): their size follows the width
     q_row_norms: int = 0
     k_row_norms: int = 0
+    # for the costs that are not parameters (search/cost.py): the LM head's rows, and each layer's
+    # attention span (0: the whole context; else a sliding window)
+    vocab_size: int = 0
+    attention_windows: tuple[int, ...] = ()
 
     @property
     def heads(self) -> HeadLayout:
@@ -79,7 +83,17 @@ class ModelLayout:
     @classmethod
     def from_dict(cls, data: dict) -> ModelLayout:
         # layouts saved before a field existed take its default
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "attention_windows" in fields:
+            fields["attention_windows"] = tuple(fields["attention_windows"])
+        return cls(**fields)
+
+
+def attention_windows(config, num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0: it attends to the whole context), from the config's layer types."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
+    return tuple(window if kind == "sliding_attention" else 0 for kind in types)
 
 
 def _numel(params) -> int:
@@ -122,6 +136,8 @@ def layout_of(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> M
         num_mlp_in_projs=len(adapter.mlp_in_projs),
         q_row_norms=len(adapter.q_row_norms),
         k_row_norms=len(adapter.k_row_norms),
+        vocab_size=adapter.lm_head(model).weight.shape[0],
+        attention_windows=attention_windows(config, len(adapter.layers(model))),
     )
     measured = _numel(model.parameters())
     if layout.dense_params() != measured:

@@ -114,6 +114,7 @@ def summary_lines(run: RunData) -> list[str]:
     lines = [f"- **Model:** `{run.manifest.source.spec}`"] if run.manifest else []
     lines += [
         f"- **Model layout:** {_layout_text(run)}",
+        *([f"- **Budget:** {run.budget}"] if run.budget else []),
         f"- **Pruning ratio reached:** {fmt(run.final_ratio, '.2f', ' %')}",
         f"- **Parameters:** {fmt_params(run.dense_params)} → {fmt_params(run.pruned_params)}",
         f"- **Search steps:** {len(run.steps)} ({stages})",

@@ -189,6 +189,24 @@ class RunData:
         return dense + self.stage_evals
 
     @property
+    def budget(self) -> str | None:
+        """The budget a run was given (--budget, or --distribution auto) and what its steps reached of
+        the budget's measure (counted on the plan, which is what the extracted model measures:
+        tests/test_budget.py); None for a plain ratio."""
+        search = (self.manifest.settings.get("search") or {}) if self.manifest else {}
+        if not (search.get("budget") or search.get("distribution") == "auto"):
+            return None
+        settings = from_dict(SearchSettings, search)
+        target = settings.budget or f"params={settings.target_ratio:g}%"
+        last = self.steps[-1] if self.steps else None
+        reached = (
+            "nothing yet"
+            if last is None or last.reduction is None
+            else f"{last.reduction:.2f} % less {last.measure}"
+        )
+        return f"{target}{' (--distribution auto)' if settings.auto else ''}; reached {reached}"
+
+    @property
     def head_dim(self) -> int | None:
         return self.layout.head_dim if self.layout else None
 

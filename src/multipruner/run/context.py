@@ -56,7 +56,7 @@ class RunContext:
             )
         self.layout = layout_of(self.model)
         check_world_size(self.layout.num_layers)
-        self.search = self.job.search.resolved(self.layout)
+        self.search = self.job.search.resolved(self.layout, next(self.model.parameters()).element_size())
         check_seqlen(self.model, self.job.calibration.seqlen)
         stored = self.run.plan()
         order = stored[0].channel_order if stored else None

@@ -34,6 +34,7 @@ from ..core.plan import PlanError, PruningPlan
 from ..errors import UsageError
 from ..io_utils import append_line_durably, atomic_write_text, follow_umask, remove_stale_temporaries
 from ..model_sources import ModelSource
+from ..search.latency import LatencyTable
 from ..settings import differences, to_dict, unrecorded_values
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class RunDirectory:
         self.reference_file = self.path / "pruning_config.json"
         self.model_dir = self.path / "model"
         self.bench_file = self.path / "bench.json"
+        self.latency_file = self.path / "latency_table.json"
         self.lock_file = self.path / ".lock"
         self._lock_handle = None
 
@@ -267,6 +269,20 @@ class RunDirectory:
         self.steps_file.unlink(missing_ok=True)
 
     # --- plan --------------------------------------------------------------------------------
+    def latency_table(self) -> LatencyTable | None:
+        """The latency table timed for this run's budget, or None before it is timed."""
+        if not self.latency_file.is_file():
+            return None
+        try:
+            return LatencyTable.from_dict(json.loads(self.latency_file.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise RunDirError(
+                f"cannot read {self.latency_file} ({err!r}); delete it to time the model again"
+            ) from err
+
+    def save_latency_table(self, table: LatencyTable) -> None:
+        atomic_write_text(self.latency_file, json.dumps(table.to_dict(), indent=2) + "\n")
+
     def save_plan(self, plan: PruningPlan, layout: ModelLayout) -> None:
         plan.save(self.plan_file, layout)
         plan.save_reference(self.reference_file)

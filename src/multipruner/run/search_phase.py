@@ -14,6 +14,7 @@ import torch
 from ..core.importance import ChannelOrder
 from ..core.plan import PruningPlan
 from ..faults import crash_point
+from ..search.latency import LatencyTable, device_name, time_table
 from ..search.loop import StepRecord, run_search
 from ..search.method import run_method
 from ..search.scoring import CalibrationScorer
@@ -34,13 +35,14 @@ class SearchPhase(Phase):
 
     def run(self, ctx: RunContext) -> dict:
         ctx.load()
+        latency = latency_table(ctx)  # timed (or checked) before the calibration's minutes
         calibration = calibration_sets(ctx)
         random.seed(ctx.job.calibration.seed)
         torch.manual_seed(ctx.job.calibration.seed)
         ctx.order_channels(calibration)
         scorers = ctx.scorers(calibration)
         record_dense(ctx, scorers)
-        plan = search(ctx, calibration, scorers)
+        plan = search(ctx, calibration, scorers, latency)
         return final_facts(ctx, plan, scorers)
 
 
@@ -78,7 +80,10 @@ def record_dense(ctx: RunContext, scorers: dict[str, CalibrationScorer]) -> Dens
 
 
 def search(
-    ctx: RunContext, calibration: dict[str, torch.Tensor], scorers: dict[str, CalibrationScorer]
+    ctx: RunContext,
+    calibration: dict[str, torch.Tensor],
+    scorers: dict[str, CalibrationScorer],
+    latency: LatencyTable | None = None,
 ) -> PruningPlan:
     """Run the configured method from the run's last finished step; saves and returns the final plan."""
     run = ctx.run
@@ -96,15 +101,54 @@ def search(
             "calibration": calibration,
             "done": [r.to_dict() for r in done],
             "channel_order": order.to_dict() if order else None,
+            "latency": latency.to_dict() if latency else None,
         }
     )
     plan = run_method(
-        ctx.prunable, scorers, ctx.search, done_steps=done, on_step=on_step, progress=ctx.job.progress
+        ctx.prunable,
+        scorers,
+        ctx.search,
+        done_steps=done,
+        on_step=on_step,
+        progress=ctx.job.progress,
+        latency=latency,
     )
-    plan = replace(plan, meta={**plan.meta, "source": ctx.source().to_dict()})
+    meta = {**plan.meta, "source": ctx.source().to_dict()}
+    if ctx.search.budget:  # what the plan was searched to reach, and on what workload (bench checks it)
+        meta["budget"] = {"text": ctx.search.budget, "workload": ctx.search.latency_workload}
+    plan = replace(plan, meta=meta)
     run.save_plan(plan, ctx.layout)
     ctx.plan = plan
     return plan
+
+
+def latency_table(ctx: RunContext) -> LatencyTable | None:
+    """A latency budget's table: the run's own on resume (refused if timed elsewhere), else timed now on
+    this device and stored before the search uses it."""
+    workload = ctx.search.latency_workload
+    if workload is None:
+        return None
+    weights = next(ctx.model.parameters())
+    table = ctx.run.latency_table()
+    if table is None:
+        started = time.perf_counter()
+        table = time_table(
+            ctx.prunable, workload, (ctx.search.mlp_group_size, ctx.search.attention_group_size)
+        )
+        ctx.run.save_latency_table(table)
+        log.info(
+            "latency table: %s of %d models on %s, %.1fs; dense %s",
+            workload[0],
+            table.timed_models,
+            table.device,
+            time.perf_counter() - started,
+            f"{table.meta['medians_s']['dense'] * 1e3:.2f} ms",
+        )
+    table.check_matches(
+        device_name(weights.device), ctx.layout, str(weights.dtype).removeprefix("torch."), workload
+    )
+    ctx.search.reachable_target(ctx.layout, weights.element_size(), table)  # before any step
+    return table
 
 
 def final_facts(ctx: RunContext, plan: PruningPlan, scorers: dict[str, CalibrationScorer]) -> dict:
@@ -115,7 +159,8 @@ def final_facts(ctx: RunContext, plan: PruningPlan, scorers: dict[str, Calibrati
     ctx.prunable.apply(plan)
     facts = {"final_ppl": {k: s.perplexity() for k, s in scorers.items()}, "steps": steps}
     ctx.prunable.restore()
-    if stopped_early and plan.ratio(ctx.layout, ctx.search.ratio_accounting) < ctx.search.target_ratio:
+    cost = ctx.search.cost(ctx.layout, next(ctx.model.parameters()).element_size(), ctx.run.latency_table())
+    if stopped_early and cost.reduction(plan) < ctx.search.target.reduction(cost):
         facts["stopped_at_max_steps"] = True
     return facts
 
@@ -128,4 +173,12 @@ def search_worker(ctx: RunContext) -> None:
     done = [StepRecord.from_dict(r) for r in search["done"]]
     if search["channel_order"] and ctx.prunable.channel_order is None:
         ctx.prunable.order_channels(ChannelOrder.from_dict(search["channel_order"]))
-    run_search(ctx.prunable, ctx.scorers(search["calibration"]), ctx.search, done_steps=done, progress=False)
+    latency = LatencyTable.from_dict(search["latency"]) if search.get("latency") else None
+    run_search(
+        ctx.prunable,
+        ctx.scorers(search["calibration"]),
+        ctx.search,
+        done_steps=done,
+        progress=False,
+        latency=latency,
+    )

@@ -152,7 +152,7 @@ def settle(
     totals, or within ``within`` of the best, lowest bound first; the others keep their bound (it already
     exceeds the ``top``-th best total found, and the best plus ``within``)."""
     threshold = _threshold(state, alive, top, within)
-    for k in sorted(alive, key=lambda k: (state.lower_sum(k), k)):
+    for k in sorted(alive, key=lambda k: (state.lower_rank(k), k)):
         if k not in state.pending:
             continue
         if threshold < math.inf and not state.may_win({k}, threshold):
@@ -162,9 +162,9 @@ def settle(
 
 
 def _threshold(state: StepState, alive: set[int], top: int, within: float) -> float:
-    """The total a candidate must not exceed to be among the ``top`` best of ``alive`` or within ``within``
-    of the best (inf while fewer than ``top`` totals are known)."""
-    totals = sorted(state.partial_sum(k) for k in alive if k not in state.pending)
+    """The rank (the total, without a ranking) a candidate must not exceed to be among the ``top`` best of
+    ``alive`` or within ``within`` of the best (inf while fewer than ``top`` are known)."""
+    totals = sorted(state.rank(k) for k in alive if k not in state.pending)
     if len(totals) < top:
         return math.inf
     return max(totals[top - 1], totals[0] + within)

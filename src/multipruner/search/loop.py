@@ -2,8 +2,13 @@
 
 Each step scores every candidate of the current stage on the stage's calibration set and keeps the one
 with the lowest perplexity (the first one on ties, candidates in the reference's order: attention
-blocks by layer, then MLP blocks by layer). A stage ends once the pruning ratio reaches its cumulative
-target; the last step may overshoot and the next stage starts from the ratio reached.
+blocks by layer, then MLP blocks by layer). A stage ends once the budget's measure (cost.py; the
+parameters by default) is reduced by its cumulative share of the target; the last step may overshoot
+and the next stage starts from what was reached.
+
+``--distribution auto`` has one stage instead: each step weighs the candidates of all three dimensions
+on the block set and keeps the one that adds the least loss per unit of the measure it saves
+(ranking.py), until the budget is met.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
 from ..errors import UsageError
 from ..faults import crash_point
-from .cost import ParamsCost
+from .latency import LatencyTable
+from .ranking import Ranking
 from .scoring import CalibrationScorer, StepScores
 from .screening import width_proxy_scores
 from .settings import SearchSettings
-from .stages import STAGES, Candidate, Stage
+from .stages import AUTO_STAGE, STAGES, Candidate, Stage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ class StepRecord:
     bounded_batches: int = 0  # candidate-batches run whose full LM head the head bound made unnecessary
     batches_by_process: list[int] | None = None  # candidate-batches each torchrun process scored
     finalists: list[int] | None = None  # screen, then decide: the candidates scored on the decision set
+    measure: str = "params"  # the budget's (cost.py)
+    reduction: float | None = None  # percent of the measure's dense total removed after the step
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -98,13 +106,16 @@ def run_search(
     done_steps: list[StepRecord] | None = None,
     on_step: Callable[[StepRecord, PruningPlan], None] | None = None,
     progress: bool = True,
+    latency: LatencyTable | None = None,
 ) -> PruningPlan:
     """Run (or continue, from ``done_steps``) the greedy search; returns the final plan.
 
     ``on_step`` is called after every finished step (the run directory writes it durably there).
+    ``latency``: this device's timings, for a latency budget (latency.py).
     """
     layout = prunable.layout
-    settings = settings.resolved(layout)
+    dtype_bytes = next(prunable.model.parameters()).element_size()
+    settings = settings.resolved(layout, dtype_bytes)
     done_steps = done_steps or []
     order = prunable.channel_order
     plan = (
@@ -114,25 +125,28 @@ def run_search(
     )
     prunable.apply(plan)
     step = len(done_steps)
-    targets = settings.stage_targets()
-    cost = ParamsCost(layout, settings.ratio_accounting)
+    cost = settings.cost(layout, dtype_bytes, latency)
+    targets = settings.stage_targets(settings.reachable_target(layout, dtype_bytes, latency))
     screens = ScreeningSets(scorers, settings)
-    for stage, target in zip(STAGES, targets, strict=True):
+    for stage, target in zip((AUTO_STAGE,) if settings.auto else STAGES, targets, strict=True):
         while cost.reduction(plan) < target:
             if settings.max_steps is not None and step >= settings.max_steps:
                 log.info("stopping after --max-steps %d", settings.max_steps)
                 return plan
-            candidates = stage.candidates(plan, settings)
+            # a candidate that saves nothing of the measure (an MLP's, for the KV cache) cannot help reach it
+            candidates = [c for c in stage.candidates(plan, settings) if cost.saved(plan, c.apply(plan)) > 0]
             if not candidates:
                 log.warning(
-                    "stage %s has no candidates left at ratio %.2f%% (target %.2f%%)",
+                    "stage %s has no candidates left at %.2f%% less %s (target %.2f%%)",
                     stage.name,
-                    plan.ratio(layout),
+                    cost.reduction(plan),
+                    cost.measure,
                     target,
                 )
                 break
             started = time.perf_counter()
             plans = [c.apply(plan) for c in candidates]
+            saved = [cost.saved(plan, p) for p in plans]
             outcome = score_step(
                 prunable,
                 scorers[stage.calibration],
@@ -143,6 +157,7 @@ def run_search(
                 settings,
                 step,
                 progress,
+                saved if settings.auto else None,
             )
             scores = outcome.scores
             best = outcome.best
@@ -158,7 +173,7 @@ def run_search(
             record = StepRecord(
                 step=step,
                 stage=stage.name,
-                candidates=outcome.candidate_records(candidates),
+                candidates=outcome.candidate_records(candidates, saved),
                 choice={**candidates[best].to_dict(), "ppl": outcome.ppl[best]},
                 ppl=outcome.ppl[best],
                 ratio=plan.ratio(layout),
@@ -170,10 +185,12 @@ def run_search(
                 bounded_batches=scores.bounded_batches,
                 batches_by_process=scores.batches_by_process,
                 finalists=outcome.finalists,
+                measure=cost.measure,
+                reduction=cost.reduction(plan),
             )
             log.info(
-                "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%% (%.1fs, racing skipped %d of %d "
-                "candidate-batches, and the full LM head of %d more)",
+                "step %d [%s] %s %s layer %d -> ppl %.3f, ratio %.2f%%, %s %.2f%% less (%.1fs, racing "
+                "skipped %d of %d candidate-batches, and the full LM head of %d more)",
                 step,
                 stage.name,
                 candidates[best].op,
@@ -181,6 +198,8 @@ def run_search(
                 candidates[best].layer,
                 outcome.ppl[best],
                 record.ratio,
+                cost.measure,
+                record.reduction,
                 record.elapsed_s,
                 scores.skipped_batches,
                 scores.total_batches,
@@ -242,14 +261,17 @@ class StepOutcome:
     screen_bounded: list[bool] | None = None  # screen_loss is a lower bound (the head was never paid)
     finalists: list[int] | None = None
 
-    def candidate_records(self, candidates: list[Candidate]) -> list[dict]:
+    def candidate_records(self, candidates: list[Candidate], saved: list[float]) -> list[dict]:
+        """Each candidate's scores, and what it would save of the budget's measure (``saved``)."""
         position = {k: i for i, k in enumerate(self.finalists)} if self.finalists else None
         records = []
         for k, c in enumerate(candidates):
             i = position.get(k) if position is not None else k
-            record = {**c.to_dict(), "ppl": self.ppl[k]}
+            record = {**c.to_dict(), "ppl": self.ppl[k], "saved_cost": saved[k]}
             if i is not None:
                 record |= {"partial_ppl": self.scores.partial_ppl[i], "sequences": self.scores.sequences[i]}
+                if self.scores.rank is not None:
+                    record["rank"] = self.scores.rank[i]
             if self.screen_loss is not None:
                 record["screen_loss"] = self.screen_loss[k]
             if self.screen_bounded and self.screen_bounded[k]:
@@ -268,13 +290,21 @@ def score_step(
     settings: SearchSettings,
     step: int,
     progress: bool,
+    saved: list[float] | None = None,
 ) -> StepOutcome:
     """Score one step's candidates: all of them on the stage's set, or screen them and decide among the
-    finalists on it (screening.py)."""
+    finalists on it (screening.py). ``saved``: each candidate's saved cost, to rank them by the loss
+    they add per unit saved (ranking.py; the current plan's losses take one forward); else by loss."""
     layers = [c.layer for c in candidates]
     first = screens.get(stage.calibration)
     proxy = stage.calibration == "width" and settings.width_screen == "proxy"
     screen_loss = screen_bounded = carried = None
+    ranking = screen_ranking = None
+    if saved is not None:
+        base = scorer.sequence_losses().double()
+        ranking = Ranking(base.sum().item(), tuple(saved))
+        if first is not None:
+            screen_ranking = ranking.of(range(len(saved)), base[: first.tokens.shape[0]].sum().item())
     if proxy or first is not None:
         if proxy:
             # measured on the screening rows when there are: one forward costs about two finalists' tails
@@ -285,14 +315,19 @@ def score_step(
         else:
             with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
                 screened = first.score(
-                    plans, layers, keys=candidates, on_batch=bar.update, finalists=settings.finalist_rule
+                    plans,
+                    layers,
+                    keys=candidates,
+                    on_batch=bar.update,
+                    finalists=settings.finalist_rule,
+                    ranking=screen_ranking,
                 )
             # a candidate whose head the screen never paid has a lower bound here, which already ranks it
             # behind every finalist
             losses = screened.sequence_lower
             screen_bounded = [p is None for p in screened.ppl]
         screen_loss = [t.double().mean().item() for t in losses]
-        finalists = settings.finalist_rule.pick(losses)
+        finalists = settings.finalist_rule.pick(losses, screen_ranking)
         if not proxy:  # the finalists' screening losses are exact, and the decision set's first rows
             scorer = screens.rest(stage.calibration)
             carried = [screened.sequence_nll[k] for k in finalists]
@@ -307,6 +342,7 @@ def score_step(
             on_batch=bar.update,
             race=settings.race,
             carried=carried,
+            ranking=None if ranking is None else ranking.of(finalists, ranking.base),
         )
     ppl: list[float | None] = [None] * len(candidates)
     for i, k in enumerate(finalists):

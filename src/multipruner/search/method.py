@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
+from .latency import LatencyTable
 from .loop import StepRecord, run_search
 from .scoring import CalibrationScorer
 from .settings import SearchSettings
@@ -26,6 +27,7 @@ def run_method(
     done_steps: list[StepRecord],
     on_step: Callable[[StepRecord, PruningPlan], None] | None = None,
     progress: bool = True,
+    latency: LatencyTable | None = None,
 ) -> PruningPlan:
     """The final plan of ``settings.method``, after ``done_steps`` (a resumed run's finished steps)."""
     if scores_in_one_shot(settings):
@@ -38,5 +40,14 @@ def run_method(
             batch_size=block.settings.batch_size,
             done_steps=len(done_steps),
             on_step=on_step,
+            latency=latency,
         )
-    return run_search(prunable, scorers, settings, done_steps=done_steps, on_step=on_step, progress=progress)
+    return run_search(
+        prunable,
+        scorers,
+        settings,
+        done_steps=done_steps,
+        on_step=on_step,
+        progress=progress,
+        latency=latency,
+    )

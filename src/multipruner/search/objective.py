@@ -148,6 +148,11 @@ def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, settings: Lo
 
     Used as the brute-force baseline in tests and benchmarks.
     """
+    return perplexity_from_nll(full_forward_nll(model, tokens, settings))
+
+
+def full_forward_nll(model: nn.Module, tokens: torch.Tensor, settings: LossSettings) -> torch.Tensor:
+    """Each sequence's mean NLL, the reference's way (``full_forward_perplexity``)."""
     nlls = []
     device = next(model.parameters()).device  # batches go where the weights are, as the scorer's do
     for start in range(0, tokens.shape[0], settings.batch_size):
@@ -158,4 +163,4 @@ def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, settings: Lo
         nll = F.cross_entropy(logits.permute(0, 2, 1).float(), labels, reduction="none", ignore_index=ignore)
         mask = labels != ignore
         nlls.append((nll * mask).sum(dim=1) / mask.sum(dim=1))
-    return perplexity_from_nll(torch.cat(nlls))
+    return torch.cat(nlls)

@@ -38,6 +38,7 @@ from .objective import (
     perplexity_from_nll,
 )
 from .racing import RaceSettings, paired_survivors
+from .ranking import Ranking
 from .recordings import Recording, carried_over, record
 from .reuse import SavedStates, StepReuse, keep_rule
 from .screening import FinalistRule
@@ -61,11 +62,14 @@ class StepScores:
     batches_by_process: list[int] | None = None  # with torchrun: candidate-batches each process ran
     # sequence_nll, or a lower bound on it where the candidate's LM head was never paid (a screen's far ones)
     sequence_lower: list[torch.Tensor] = field(default_factory=list)
+    # with a ranking (ranking.py), each finished candidate's key; the step's choice is the lowest
+    rank: list[float | None] | None = None
 
     def best(self) -> int:
-        """Index of the lowest perplexity (the first one on ties)."""
+        """Index of the lowest perplexity, or rank where ranked (the first one on ties)."""
         finished = [k for k, p in enumerate(self.ppl) if p is not None]
-        return min(finished, key=lambda k: (_nan_last(self.ppl[k]), k))
+        order = self.ppl if self.rank is None else self.rank
+        return min(finished, key=lambda k: (_nan_last(order[k]), k))
 
 
 def _nan_last(value: float) -> float:
@@ -127,16 +131,20 @@ class CalibrationScorer:
             first_row=self.first_row + (rows.start or 0),
         )
 
-    @torch.inference_mode()
     def perplexity(self) -> float:
         """Perplexity of the model as it is now (one full forward per batch)."""
+        return perplexity_from_nll(self.sequence_losses())
+
+    @torch.inference_mode()
+    def sequence_losses(self) -> torch.Tensor:
+        """The model's loss per sequence as it is now (one full forward per batch)."""
         p, model = self.prunable, self.prunable.model
         nlls = []
         for b in range(len(self._batch_bounds())):
             ids = self._ids(b)
             hidden = p.adapter.decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
             nlls.append(self.objective.per_sequence(hidden, ids, self._objective_rows(b)))
-        return perplexity_from_nll(torch.cat(nlls))
+        return torch.cat(nlls)
 
     @torch.inference_mode()
     def score(
@@ -148,6 +156,7 @@ class CalibrationScorer:
         race: RaceSettings | None = None,
         finalists: FinalistRule | None = None,
         carried: Sequence[torch.Tensor] | None = None,
+        ranking: Ranking | None = None,
     ) -> StepScores:
         """Perplexity of each plan (None for a candidate eliminated by ``race``, or whose exact loss a
         screen for ``finalists`` did not need).
@@ -160,13 +169,18 @@ class CalibrationScorer:
         ``carried[k]``: plan k's exact per-sequence losses on sequences before this scorer's (a screen's
         finalists, on the rows their decision set shares with the screen): they count in every sum,
         racing included, and in the perplexity, which is then over both.
+        ``ranking``: how candidates are ordered, when not by their total loss (ranking.py).
         """
         race = race or RaceSettings(mode="off")
         if finalists is not None and race.mode != "off":
             raise ValueError("a screen scores every candidate on every sequence: give it no racing")
+        if ranking is not None and (race.mode == "fast" or (finalists is not None and finalists.margin > 0)):
+            raise ValueError("a ranking orders by cost-weighted totals: no paired test, no margin in nats")
         keys = list(keys) if keys is not None else [None] * len(plans)
         n_batches = len(self._batch_bounds())
-        step = self._start_step(plans, first_layers, keys, on_batch, race, screening=finalists is not None)
+        step = self._start_step(
+            plans, first_layers, keys, on_batch, race, screening=finalists is not None, ranking=ranking
+        )
         state = step.state
         for k, nll in enumerate(carried or []):
             state.carry(k, nll)
@@ -175,11 +189,11 @@ class CalibrationScorer:
             self._batch(step, 0, alive)
             # the best candidate after one batch is usually the winner: finish it first, then its total
             # bounds everyone else's partial sums
-            leader = min(alive, key=lambda k: (state.lower_sum(k), k))
+            leader = min(alive, key=lambda k: (state.lower_rank(k), k))
             for b in range(1, n_batches):
                 self._batch(step, b, {leader})
             self._finish(step, leader)
-            bound = state.partial_sum(leader)
+            bound = state.rank(leader)
             for b in range(1, n_batches):
                 alive = {leader} | state.may_win(alive - {leader}, bound)
                 self._batch(step, b, alive - {leader})
@@ -201,7 +215,16 @@ class CalibrationScorer:
         self._recordings = step.recordings
         return self._scores(state, n_batches, on_batch)
 
-    def _start_step(self, plans, first_layers, keys, on_batch, race: RaceSettings, screening: bool) -> _Step:
+    def _start_step(
+        self,
+        plans,
+        first_layers,
+        keys,
+        on_batch,
+        race: RaceSettings,
+        screening: bool,
+        ranking: Ranking | None,
+    ) -> _Step:
         """The step's state, with the choices its strategies make from the memory they may use."""
         p, settings = self.prunable, self.settings
         weights = next(p.model.parameters())
@@ -231,7 +254,7 @@ class CalibrationScorer:
             keep_recordings=recordings_mb <= settings.reuse_budget_mb,
             plans=plans,
             first_layers=first_layers,
-            state=StepState(len(plans), lazy, weights.dtype),
+            state=StepState(len(plans), lazy, weights.dtype, ranking),
             reuse=StepReuse(self._saved, plans, first_layers, keys, keep),
             dtype_bytes=dtype_bytes,
             on_batch=on_batch,
@@ -348,6 +371,9 @@ class CalibrationScorer:
             total_batches=n_batches * len(state),
             bounded_batches=sum(state.batches_run(k) - state.exact_batches(k) for k in candidates),
             batches_by_process=None if self.workers is None else self.workers.all_gather(state.scored_here),
+            rank=None
+            if state.ranking is None
+            else [state.rank(k) if p is not None else None for k, p in enumerate(ppl)],
         )
 
     def _ids(self, b: int) -> torch.Tensor:

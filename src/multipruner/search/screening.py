@@ -31,6 +31,7 @@ import torch
 
 if TYPE_CHECKING:  # the settings import this module, and the stages import the settings
     from ..core.surgery import PrunableModel
+    from .ranking import Ranking
     from .stages import Candidate
 
 SCREENS = ("forward", "proxy")
@@ -43,10 +44,14 @@ class FinalistRule:
     top_k: int
     margin: float = 0.0  # nats per sequence; 0: the top k only
 
-    def pick(self, screen_loss: Sequence[torch.Tensor]) -> list[int]:
+    def pick(self, screen_loss: Sequence[torch.Tensor], ranking: Ranking | None = None) -> list[int]:
         """Finalists, in candidate order, from each candidate's loss per screening sequence (the same
-        sequences for all; a proxy gives one number per candidate). The screening leader is always one."""
-        means = [_nan_last(t.double().mean().item()) for t in screen_loss]
+        sequences for all; a proxy gives one number per candidate), ordered by ``ranking`` where given
+        (ranking.py). The screening leader is always one."""
+        if ranking is None:
+            means = [_nan_last(t.double().mean().item()) for t in screen_loss]
+        else:
+            means = [_nan_last(ranking.key(k, t.double().sum().item())) for k, t in enumerate(screen_loss)]
         ranked = sorted(range(len(means)), key=lambda k: (means[k], k))
         chosen = set(ranked[: self.top_k])
         if self.margin > 0:

@@ -9,6 +9,8 @@ from ..core.importance import CHANNEL_IMPORTANCE
 from ..core.layout import ModelLayout
 from ..errors import UsageError, listing
 from ..settings import setting
+from .cost import Budget, BudgetError, Cost
+from .latency import LATENCY_MEASURES, LatencyTable
 from .objective import OBJECTIVES, set_objective
 from .racing import RACE_MODES, RaceSettings
 from .screening import SCREENS, FinalistRule
@@ -31,8 +33,15 @@ def distribution_problem(values: tuple, given: object = None) -> str | None:
     )
 
 
-def parse_distribution(text: str) -> tuple[float, float, float]:
-    """``a:b:c`` shares of the ratio for blocks, MLP channels and attention heads (e.g. ``44:52:4``)."""
+# every step weighs the candidates of all three dimensions together (stages.AUTO)
+AUTO = "auto"
+
+
+def parse_distribution(text: str) -> tuple[float, float, float] | str:
+    """``a:b:c`` shares of the ratio for blocks, MLP channels and attention heads (e.g. ``44:52:4``), or
+    ``auto``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
     try:
         values = tuple(float(p) for p in text.split(":"))
     except ValueError:
@@ -40,6 +49,12 @@ def parse_distribution(text: str) -> tuple[float, float, float]:
     if problem := distribution_problem(values, text):
         raise ValueError(problem)
     return values
+
+
+def parse_budget(text: str) -> str:
+    """A ``--budget`` checked as it is read, kept as the text the user gave (the run stores that)."""
+    Budget.parse(text)
+    return text
 
 
 METHODS = ("multipruner", "blockpruner", "shortgpt")
@@ -60,13 +75,30 @@ class SearchSettings:
     target_ratio: float = setting(
         10.0, help="target pruning ratio, percent of all parameters", aliases=("--target_ratio",)
     )
-    distribution: tuple[float, float, float] | None = setting(
+    distribution: tuple[float, float, float] | str | None = setting(
         None,
-        help="share of the ratio for blocks:MLP channels:attention heads "
-        "(default: 44:52:4 for multipruner, 100:0:0 for blockpruner; shortgpt takes none)",
+        help="share of the ratio for blocks:MLP channels:attention heads, removed in that order "
+        "(default: 44:52:4 for multipruner, 100:0:0 for blockpruner; shortgpt takes none); auto: every "
+        "step weighs blocks, MLP channel groups and attention groups together and removes the one with "
+        "the least loss increase per unit of the budget's measure saved (not in the paper)",
         aliases=("--pruning_distribution",),
         parse=parse_distribution,
     )
+    budget: str | None = setting(
+        None,
+        help="what to reach instead of --target-ratio's share of the parameters: MEASURE=VALUE, with a "
+        "measure of params, weights (bytes), flops (per decoded token), kv (KV-cache bytes), decode or "
+        "prefill (seconds on this device, timed before the search), and a value to remove (20%), a "
+        "factor (1.25x: a fourth less, or 1.25 times as fast) or the amount to end at (400MB, 30ms); "
+        "e.g. weights=400MB, kv=50%, decode=1.25x",
+        parse=parse_budget,
+    )
+    cost_context: int = setting(
+        512,
+        help="tokens of context the flops, kv and decode measures count a decoded token at (prefill: the "
+        "sequence length)",
+    )
+    latency_batch_size: int = setting(1, help="sequences per run the decode and prefill measures time")
     mlp_group_size: int | None = setting(
         None,
         help="MLP channels removed per width step (default: the divisor of the MLP width nearest width/12)",
@@ -157,7 +189,7 @@ class SearchSettings:
     def __post_init__(self):
         if self.distribution is None and self.method in DEFAULT_DISTRIBUTION:
             object.__setattr__(self, "distribution", DEFAULT_DISTRIBUTION[self.method])
-        elif self.distribution is not None:
+        elif self.distribution is not None and self.distribution != AUTO:
             object.__setattr__(self, "distribution", tuple(float(d) for d in self.distribution))
         # settings that cannot work are refused when built; the checks that need the model: validate()
         if problems := self._problems_without_model():
@@ -209,21 +241,77 @@ class SearchSettings:
             "bigger calibration set (--block-tokens/--width-tokens), fewer --screen-tokens, or 0"
         )
 
-    def resolved(self, layout: ModelLayout) -> SearchSettings:
-        """These settings with the model-dependent defaults filled in, checked against ``layout``."""
+    def resolved(self, layout: ModelLayout, dtype_bytes: int = 4) -> SearchSettings:
+        """These settings with the model-dependent defaults filled in, checked against ``layout`` (and the
+        budget against what the model, at weights of ``dtype_bytes``, can give)."""
         settings = replace(
             self,
             mlp_group_size=self.mlp_group_size or default_mlp_group_size(layout.mlp_width),
             attention_group_size=self.attention_group_size or layout.heads.unit_channels,
         )
         settings.validate(layout)
+        if settings.latency_workload is None:  # a latency budget is checked once its table is timed
+            settings.reachable_target(layout, dtype_bytes)
         return settings
 
-    def stage_targets(self) -> tuple[float, float, float]:
+    @property
+    def auto(self) -> bool:
+        return self.distribution == AUTO
+
+    @property
+    def target(self) -> Budget:
+        """The budget to reach: --budget, else --target-ratio percent of the parameters."""
+        return Budget.parse(self.budget) if self.budget else Budget("params", self.target_ratio, "percent")
+
+    @property
+    def latency_workload(self) -> tuple[str, int, int] | None:
+        """What a latency budget times: (decode or prefill, batch size, context); None for other budgets."""
+        workload = LATENCY_MEASURES.get(self.target.measure)
+        return None if workload is None else (workload, self.latency_batch_size, self.cost_context)
+
+    def cost(self, layout: ModelLayout, dtype_bytes: int, latency: LatencyTable | None = None) -> Cost:
+        """What the budget measures, for this model at its weights' dtype (and, for a latency, with the
+        table timed on this device)."""
+        return Cost(
+            layout, self.target.measure, self.ratio_accounting, dtype_bytes, self.cost_context, latency
+        )
+
+    def stage_targets(self, target: float) -> tuple[float, ...]:
+        """Each stage's cumulative share of ``target`` (percent of the budget's measure to remove)."""
+        if self.auto:
+            return (target,)
         total = sum(self.distribution)
         a, b, _ = (d / total for d in self.distribution)
-        t = self.target_ratio
-        return (t * a, t * (a + b), t)
+        return (target * a, target * (a + b), target)
+
+    def reachable_target(
+        self, layout: ModelLayout, dtype_bytes: int, latency: LatencyTable | None = None
+    ) -> float:
+        """The percent of the budget's measure to remove, refused here, before any search, when no plan
+        the search can reach removes that much (the message gives the most that can be)."""
+        cost = self.cost(layout, dtype_bytes, latency)
+        wanted = self.target.reduction(cost)
+        smallest = cost.smallest_plan(self.mlp_group_size, self.attention_group_size)
+        most = cost.reduction(smallest)
+        if wanted > most:
+            budget = self.budget or f"--target-ratio {self.target_ratio:g}"
+            raise SearchConfigError(
+                f"budget {budget} cannot be reached: the most this model can lose of its {cost.measure} is "
+                f"{most:.2f} % ({self.target.written(cost, most)}: {cost.format(cost.of(smallest))} of "
+                f"{cost.format(cost.dense())}, one attention block at one group); ask for at most that"
+            )
+        if wanted <= 0:
+            raise SearchConfigError(
+                f"budget {self.budget}: the model already costs {cost.format(cost.dense())}, within it; "
+                "nothing to remove"
+            )
+        if not self.auto and cost.measure == "kv-bytes" and self.distribution[1] > 0:
+            raise SearchConfigError(
+                f"a kv budget cannot be split {':'.join(f'{d:g}' for d in self.distribution)}: MLP channels "
+                "hold no KV cache, so the MLP stage could never reach its share; give a:0:c, or "
+                "--distribution auto"
+            )
+        return wanted
 
     def _problems_without_model(self) -> list[str]:
         """Ratio, method, distribution, step limit, group sizes given (run when the settings are built)."""
@@ -255,9 +343,30 @@ class SearchSettings:
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
             return problems
+        if self.budget:
+            try:
+                Budget.parse(self.budget)
+            except BudgetError as err:
+                problems.append(str(err))
+        if self.cost_context < 1 or self.latency_batch_size < 1:
+            problems.append(
+                f"--cost-context and --latency-batch-size must be at least 1, got {self.cost_context} and "
+                f"{self.latency_batch_size}"
+            )
         if self.method == "shortgpt":
             if self.distribution is not None:
                 problems.append("--method shortgpt removes whole layers in one shot: drop --distribution")
+            return problems
+        if self.auto:
+            if self.method != "multipruner":
+                problems.append(
+                    "--distribution auto weighs all three dimensions: it needs --method multipruner"
+                )
+            if self.search == "fast" or self.finalist_margin > 0:
+                problems.append(
+                    "--distribution auto compares loss per unit of cost; --search fast and --finalist-margin "
+                    "compare losses in nats: use --search exact and the top --finalists"
+                )
             return problems
         if self.method == "blockpruner" and self.distribution[1:] != (0.0, 0.0):
             problems.append(

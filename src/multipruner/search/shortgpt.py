@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
-from .cost import ParamsCost
+from .latency import LatencyTable
 from .loop import StepRecord, initial_plan
 from .settings import SearchSettings
 
@@ -71,6 +71,7 @@ def run_shortgpt(
     batch_size: int = 2,
     done_steps: int = 0,
     on_step: Callable[[StepRecord, PruningPlan], None] | None = None,
+    latency: LatencyTable | None = None,
 ) -> PruningPlan:
     """Remove the lowest-BI layers until the target ratio; ``perplexity()`` scores the model after each
     removal (for the record: the choice does not depend on it). ``done_steps`` finished steps are replayed."""
@@ -80,11 +81,13 @@ def run_shortgpt(
     started = time.perf_counter()
     scores = block_influence(prunable, tokens, batch_size)
     order = sorted(range(layout.num_layers), key=lambda i: (scores[i], i))
-    cost = ParamsCost(layout, settings.ratio_accounting)  # the budget the greedy search measures too
+    dtype_bytes = next(prunable.model.parameters()).element_size()
+    cost = settings.cost(layout, dtype_bytes, latency)  # the budget the greedy search measures too
+    target = settings.target.reduction(cost)
     ranking = [{"kind": "layer", "op": "remove", "layer": i, "bi": scores[i]} for i in order]
     log.info("block influence, lowest first: %s", ", ".join(f"L{i} {scores[i]:.4f}" for i in order[:8]))
     for step, layer in enumerate(order):
-        if cost.reduction(plan) >= settings.target_ratio:
+        if cost.reduction(plan) >= target:
             break
         if len(plan.removed_attention) == layout.num_layers - 1:
             log.warning("stopping at %.2f%%: one layer must keep its attention", plan.ratio(layout))

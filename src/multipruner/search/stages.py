@@ -69,3 +69,11 @@ STAGES = (
     Stage("mlp_width", "width", width_candidates("mlp")),
     Stage("attn_width", "width", width_candidates("attention")),
 )
+
+
+def every_candidate(plan: PruningPlan, settings: SearchSettings) -> list[Candidate]:
+    return [c for stage in STAGES for c in stage.candidates(plan, settings)]
+
+
+# --distribution auto: one stage whose steps weigh every dimension's candidates on the block set
+AUTO_STAGE = Stage("auto", "block", every_candidate)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .racing import exact_survivors
+from .ranking import Ranking
 
 # the batch key of the losses a step starts with: known exactly on sequences before the scorer's own (a
 # screen's, on the rows it shares with the decision set); first in every sum, never run again
@@ -26,8 +27,11 @@ class StepState:
     is paid; the candidate is then in ``pending``). ``nll[k][b]``: the exact loss, once known.
     """
 
-    def __init__(self, n_candidates: int, lazy: bool, weight_dtype: torch.dtype):
+    def __init__(
+        self, n_candidates: int, lazy: bool, weight_dtype: torch.dtype, ranking: Ranking | None = None
+    ):
         self.lazy = lazy
+        self.ranking = ranking  # None: candidates are ordered by their total loss
         self.nll: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
         self.lower: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
         self.final_states: list[dict[int, torch.Tensor]] = [{} for _ in range(n_candidates)]
@@ -88,10 +92,29 @@ class StepState:
         n = self.sequences_scored(k)
         return math.exp(self.lower_sum(k) / n) if n else math.inf
 
+    def rank(self, k: int) -> float:
+        """Candidate k's place in the step's order (lower: better) from its exact loss so far."""
+        return self._key(k, self.partial_sum(k))
+
+    def lower_rank(self, k: int) -> float:
+        """``rank`` from the loss so far or its lower bound: it never exceeds the final rank."""
+        return self._key(k, self.lower_sum(k))
+
+    def _key(self, k: int, total: float) -> float:
+        return total if self.ranking is None else self.ranking.key(k, total)
+
     def may_win(self, candidates, bound: float) -> set[int]:
-        """The candidates whose loss so far (or its lower bound) does not yet exceed a finished total."""
-        slack = self.margin * abs(bound) if self.lazy else 0.0
-        return exact_survivors({k: self.lower_sum(k) for k in candidates}, bound + slack)
+        """The candidates whose loss so far (or its lower bound) does not yet rank behind a finished
+        candidate's final rank ``bound``."""
+        if self.ranking is None:
+            slack = self.margin * abs(bound) if self.lazy else 0.0
+            return exact_survivors({k: self.lower_sum(k) for k in candidates}, bound + slack)
+        survivors = set()
+        for k in candidates:  # compared as totals, where the bounds' rounding is known
+            total = self.ranking.total_at(k, bound)
+            if self.lower_sum(k) <= total + (self.margin * abs(total) if self.lazy else 0.0):
+                survivors.add(k)
+        return survivors
 
 
 def _in_batch_order(by_batch: dict[int, torch.Tensor]) -> torch.Tensor:
