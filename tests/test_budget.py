@@ -11,7 +11,7 @@ from multipruner import PrunableModel
 from multipruner.core.checkpoint import save_pruned
 from multipruner.core.extract import extract
 from multipruner.evaluation.model_cost import measured_cost
-from multipruner.search.cost import MEASURES, Budget, BudgetError, Cost
+from multipruner.search.cost import COUNTED_MEASURES, Budget, BudgetError, Cost
 from multipruner.search.loop import initial_plan, run_search
 from multipruner.search.objective import LossSettings, full_forward_nll
 from multipruner.search.scoring import CalibrationScorer
@@ -49,7 +49,7 @@ def _search(prunable, settings, tokens, head_bound_top_k: int = 16):
     return plan, records, loss
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", COUNTED_MEASURES)
 def test_the_chosen_candidates_saved_costs_add_up_to_what_the_extracted_model_measures(
     tiny_model, measure, tmp_path
 ):

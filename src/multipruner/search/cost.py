@@ -28,7 +28,8 @@ from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
 from .latency import LATENCY_MEASURES, LatencyTable
 
-MEASURES = ("params", "weights-bytes", "flops", "kv-bytes", *LATENCY_MEASURES)
+COUNTED_MEASURES = ("params", "weights-bytes", "flops", "kv-bytes")  # exactly, from the plan
+MEASURES = (*COUNTED_MEASURES, *LATENCY_MEASURES)
 _SHORT_NAMES = {
     "weights": "weights-bytes",
     "kv": "kv-bytes",
