@@ -68,6 +68,19 @@ def test_shortgpt_removes_whole_layers_lowest_influence_first(tiny_llama):
     assert [r.ratio for r in records] == sorted(r.ratio for r in records)
 
 
+def test_shortgpt_stops_at_a_budget_in_another_measure(tiny_llama):
+    tokens = torch.randint(
+        0, tiny_llama.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0)
+    )
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=False)
+    settings = SearchSettings(method="shortgpt", budget="kv=40%", cost_context=12).resolved(prunable.layout)
+    records = []
+    run_shortgpt(prunable, lambda: 1.0, tokens, settings, on_step=lambda record, plan: records.append(record))
+    # a layer holds a quarter of the KV cache: the second removal reaches 40 %, the first did not
+    assert [r.measure for r in records] == ["kv-bytes"] * 2
+    assert [r.reduction for r in records] == pytest.approx([25.0, 50.0])
+
+
 @pytest.mark.parametrize("method", ["blockpruner", "shortgpt"])
 def test_presets_write_run_directories_that_extract_eval_and_report_accept(
     tiny_model_dir, calibration_txt, tmp_path, method

@@ -305,7 +305,8 @@ class SearchSettings:
                 f"budget {self.budget}: the model already costs {cost.format(cost.dense())}, within it; "
                 "nothing to remove"
             )
-        if not self.auto and cost.measure == "kv-bytes" and self.distribution[1] > 0:
+        staged = self.distribution is not None and not self.auto  # shortgpt has no split
+        if staged and cost.measure == "kv-bytes" and self.distribution[1] > 0:
             raise SearchConfigError(
                 f"a kv budget cannot be split {':'.join(f'{d:g}' for d in self.distribution)}: MLP channels "
                 "hold no KV cache, so the MLP stage could never reach its share; give a:0:c, or "

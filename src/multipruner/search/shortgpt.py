@@ -114,6 +114,8 @@ def run_shortgpt(
             params=plan.num_params(layout),
             elapsed_s=time.perf_counter() - started,
             plan=plan.to_dict(),
+            measure=cost.measure,
+            reduction=cost.reduction(plan),
         )
         log.info(
             "step %d [layer] remove layer %d (BI %.4f) -> ppl %.3f, ratio %.2f%%",
