@@ -134,7 +134,9 @@ def run_search(
                 log.info("stopping after --max-steps %d", settings.max_steps)
                 return plan
             # a candidate that saves nothing of the measure (an MLP's, for the KV cache) cannot help reach it
-            candidates = [c for c in stage.candidates(plan, settings) if cost.saved(plan, c.apply(plan)) > 0]
+            offered = [(c, c.apply(plan)) for c in stage.candidates(plan, settings)]
+            offered = [(c, p, cost.saved(plan, p)) for c, p in offered]
+            candidates = [c for c, _, saving in offered if saving > 0]
             if not candidates:
                 log.warning(
                     "stage %s has no candidates left at %.2f%% less %s (target %.2f%%)",
@@ -145,8 +147,8 @@ def run_search(
                 )
                 break
             started = time.perf_counter()
-            plans = [c.apply(plan) for c in candidates]
-            saved = [cost.saved(plan, p) for p in plans]
+            plans = [p for _, p, saving in offered if saving > 0]
+            saved = [saving for _, _, saving in offered if saving > 0]
             outcome = score_step(
                 prunable,
                 scorers[stage.calibration],
