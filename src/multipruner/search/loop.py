@@ -28,6 +28,7 @@ from ..core.surgery import PrunableModel
 from ..errors import UsageError
 from ..faults import crash_point
 from .latency import LatencyTable
+from .lazy_screen import StaleKeys, forward_screen
 from .ranking import Ranking
 from .scoring import CalibrationScorer, StepScores
 from .screening import width_proxy_scores
@@ -125,6 +126,7 @@ def run_search(
     )
     prunable.apply(plan)
     step = len(done_steps)
+    previous = done_steps[-1] if done_steps else None
     cost = settings.cost(layout, dtype_bytes, latency)
     targets = settings.stage_targets(settings.reachable_target(layout, dtype_bytes, latency))
     screens = ScreeningSets(scorers, settings)
@@ -160,6 +162,7 @@ def run_search(
                 step,
                 progress,
                 saved if settings.auto else None,
+                previous,
             )
             scores = outcome.scores
             best = outcome.best
@@ -209,6 +212,7 @@ def run_search(
             )
             if on_step:
                 on_step(record, plan)
+            previous = record
             step += 1
     return plan
 
@@ -262,6 +266,10 @@ class StepOutcome:
     screen_loss: list[float] | None = None
     screen_bounded: list[bool] | None = None  # screen_loss is a lower bound (the head was never paid)
     finalists: list[int] | None = None
+    screen_key: list[float] | None = (
+        None  # what orders the screen, fresh or from an older step's (lazy_screen.py)
+    )
+    screened_at: list[int] | None = None  # the step each screen_key is from
 
     def candidate_records(self, candidates: list[Candidate], saved: list[float]) -> list[dict]:
         """Each candidate's scores, and what it would save of the budget's measure (``saved``)."""
@@ -276,6 +284,8 @@ class StepOutcome:
                     record["rank"] = self.scores.rank[i]
             if self.screen_loss is not None:
                 record["screen_loss"] = self.screen_loss[k]
+            if self.screen_key is not None:
+                record |= {"screen_key": self.screen_key[k], "screened_at": self.screened_at[k]}
             if self.screen_bounded and self.screen_bounded[k]:
                 record["screen_loss_is_bound"] = True
             records.append(record)
@@ -293,14 +303,16 @@ def score_step(
     step: int,
     progress: bool,
     saved: list[float] | None = None,
+    previous: StepRecord | None = None,
 ) -> StepOutcome:
     """Score one step's candidates: all of them on the stage's set, or screen them and decide among the
     finalists on it (screening.py). ``saved``: each candidate's saved cost, to rank them by the loss
-    they add per unit saved (ranking.py; the current plan's losses take one forward); else by loss."""
+    they add per unit saved (ranking.py; the current plan's losses take one forward); else by loss.
+    ``previous``: the last step's record, whose screen keys a lazy screen starts from (lazy_screen.py)."""
     layers = [c.layer for c in candidates]
     first = screens.get(stage.calibration)
     proxy = stage.calibration == "width" and settings.width_screen == "proxy"
-    screen_loss = screen_bounded = carried = None
+    screen_loss = screen_bounded = carried = screen_key = screened_at = None
     ranking = screen_ranking = None
     if saved is not None:
         base = scorer.sequence_losses().double()
@@ -314,25 +326,18 @@ def score_step(
             losses = width_proxy_scores(
                 prunable, candidates, tokens, scorer.settings.batch_size, scorer.device
             )
+            screen_loss = [t.double().mean().item() for t in losses]
+            finalists = settings.finalist_rule.pick(losses, screen_ranking)
         else:
-            with _bar(first, len(candidates), f"{stage.name} step {step} screen", progress) as bar:
-                screened = first.score(
-                    plans,
-                    layers,
-                    keys=candidates,
-                    on_batch=bar.update,
-                    finalists=settings.finalist_rule,
-                    ranking=screen_ranking,
-                )
-            # a candidate whose head the screen never paid has a lower bound here, which already ranks it
-            # behind every finalist
-            losses = screened.sequence_lower
-            screen_bounded = [p is None for p in screened.ppl]
-        screen_loss = [t.double().mean().item() for t in losses]
-        finalists = settings.finalist_rule.pick(losses, screen_ranking)
-        if not proxy:  # the finalists' screening losses are exact, and the decision set's first rows
+            stale = _stale_keys(previous, stage, settings, step)
+            with _bar(first, 0, f"{stage.name} step {step} screen", progress) as bar:
+                screen = forward_screen(first, candidates, plans, settings, screen_ranking, stale, step, bar)
+            screen_loss, screen_bounded = screen.mean_loss, screen.bounded
+            screen_key, screened_at = screen.keys, screen.screened_at
+            finalists = screen.finalists
+            # the finalists' screening losses are exact, and the decision set's first rows
             scorer = screens.rest(stage.calibration)
-            carried = [screened.sequence_nll[k] for k in finalists]
+            carried = [screen.nll[k] for k in finalists]
         crash_point("screened")
     else:
         finalists = list(range(len(candidates)))
@@ -356,7 +361,20 @@ def score_step(
         screen_loss=screen_loss,
         screen_bounded=screen_bounded,
         finalists=finalists if screen_loss is not None else None,
+        screen_key=screen_key,
+        screened_at=screened_at,
     )
+
+
+def _stale_keys(
+    previous: StepRecord | None, stage: Stage, settings: SearchSettings, step: int
+) -> StaleKeys | None:
+    """The keys a lazy screen starts from: the last step's, when it screened the same stage's candidates
+    and this is not a step that screens all (every --rescreen-th)."""
+    every = settings.rescreen_size
+    if not every or previous is None or previous.stage != stage.name or step % every == 0:
+        return None
+    return StaleKeys.from_record(previous.candidates, previous.choice)
 
 
 def _bar(scorer: CalibrationScorer, n_candidates: int, desc: str, progress: bool) -> tqdm:

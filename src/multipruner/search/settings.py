@@ -168,6 +168,14 @@ class SearchSettings:
         choices=SCREENS,
     )
     finalists: int = setting(3, help="screened candidates scored on the whole calibration set: the best K")
+    rescreen: int | None = setting(
+        None,
+        help="lazy screening (not in the paper): a screened step re-screens only the N candidates whose last "
+        "screen ranked best, those at the layer the last step changed, and the next N while one of them "
+        "could still be a finalist; the others keep their last screen's key, and every N-th step screens "
+        "all (default: 0, every candidate every step)",
+        until_recorded=0,
+    )
     finalist_margin: float = setting(
         0.0,
         help="also every screened candidate within this many nats per sequence of the screening leader",
@@ -211,6 +219,11 @@ class SearchSettings:
     @property
     def finalist_rule(self) -> FinalistRule:
         return FinalistRule(self.finalists, self.finalist_margin)
+
+    @property
+    def rescreen_size(self) -> int:
+        """Candidates a lazily screened step re-screens first (0: every candidate, every step)."""
+        return self.rescreen or 0
 
     def screen_rows(self, calibration: str, n_rows: int, seqlen: int) -> int:
         """How many of a calibration set's first rows screen its stage's candidates (0: none, every
@@ -332,6 +345,8 @@ class SearchSettings:
             )
         if self.width_screen not in SCREENS:
             problems.append(f"unknown width screen {self.width_screen!r}; choose one of {', '.join(SCREENS)}")
+        if (self.rescreen or 0) < 0:
+            problems.append(f"--rescreen must be 0 (screen every candidate) or more, got {self.rescreen}")
         if self.finalists < 1:
             problems.append(
                 f"--finalists must be at least 1 (the screen's best goes on), got {self.finalists}"
