@@ -43,7 +43,8 @@ def decode_flops(model: nn.Module, context: int) -> int:
 
 
 def kv_cache_bytes(model: nn.Module, context: int) -> int:
-    """Bytes of the keys and values the model's cache holds after ``context`` tokens of one sequence."""
+    """Bytes of the keys and values the model's cache holds after ``context`` tokens of one sequence
+    (only those: model_size.cache_bytes counts every tensor of the cache, a sliding layer's bookkeeping too)."""
     cache = _decode(model, context)[0]
     return sum(
         tensor.numel() * tensor.element_size()

@@ -119,7 +119,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds ``fn`` takes on ``device`` (its queued kernels included), and what it returned."""
     _sync(device)
     start = time.perf_counter()
     out = fn()
@@ -149,7 +150,7 @@ def _pad_token_id(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------- one run
 def _prefill(bench: _Bench, ids: torch.Tensor) -> float:
-    seconds, _ = _timed(lambda: bench.model(input_ids=ids, use_cache=False), bench.device)
+    seconds, _ = timed(lambda: bench.model(input_ids=ids, use_cache=False), bench.device)
     return seconds
 
 
@@ -168,7 +169,7 @@ def _decode(bench: _Bench, prompt: torch.Tensor, new_tokens: int) -> float:
             pad_token_id=_pad_token_id(bench.model),
         )
 
-    seconds, out = _timed(run, bench.device)
+    seconds, out = timed(run, bench.device)
     bench.generated_tokens = int(out.sequences.shape[0] * (out.sequences.shape[1] - prompt.shape[1]))
     # ``cache`` since transformers 5.24, ``past_key_values`` before
     cache = getattr(out, "cache", None)

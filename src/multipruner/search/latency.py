@@ -22,7 +22,6 @@ import hashlib
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -31,6 +30,7 @@ import torch
 from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
 from ..errors import UsageError
+from ..evaluation.speed import timed
 
 WORKLOADS = ("decode", "prefill")
 LATENCY_MEASURES = {"decode-latency": "decode", "prefill-latency": "prefill"}
@@ -208,26 +208,16 @@ def workload_timer(model: torch.nn.Module, workload: str, batch_size: int, conte
     @torch.inference_mode()
     def run() -> float:
         if workload == "prefill":
-            return _seconds(lambda: model(input_ids=ids, use_cache=False), device)
+            return timed(lambda: model(input_ids=ids, use_cache=False), device)[0]
         prefilled = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
         total = 0.0
         for _ in range(tokens):
             cache = copy.deepcopy(prefilled)  # each token decodes after the same context
-            total += _seconds(lambda c=cache: model(input_ids=ids[:, -1:], cache=c, use_cache=True), device)
+            total += timed(lambda c=cache: model(input_ids=ids[:, -1:], cache=c, use_cache=True), device)[0]
         return total / tokens
 
     run()  # warm-up
     return run
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def time_table(
