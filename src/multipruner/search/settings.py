@@ -60,6 +60,9 @@ def parse_budget(text: str) -> str:
 METHODS = ("multipruner", "blockpruner", "shortgpt")
 # measured (docs/quality.md §6): a block step's best K on 1,024 tokens holds the held-out best
 DEFAULT_SCREEN_TOKENS = 1024
+# measured (docs/quality.md §7): over SmolLM2's auto search every step's finalists were in the last
+# step's best 10, and re-screening the best 16 made the full screen's 31 choices
+DEFAULT_AUTO_RESCREEN = 16
 DEFAULT_DISTRIBUTION = {"multipruner": (44.0, 52.0, 4.0), "blockpruner": (100.0, 0.0, 0.0)}
 
 
@@ -173,7 +176,8 @@ class SearchSettings:
         help="lazy screening (not in the paper): a screened step re-screens only the N candidates whose last "
         "screen ranked best, those at the layer the last step changed, and the next N while one of them "
         "could still be a finalist; the others keep their last screen's key, and every N-th step screens "
-        "all (default: 0, every candidate every step)",
+        f"all (default: {DEFAULT_AUTO_RESCREEN} with --distribution auto, where it chose the full screen's "
+        "plan in a third of the time, docs/quality.md §7; 0 otherwise: every candidate every step)",
         until_recorded=0,
     )
     finalist_margin: float = setting(
@@ -223,7 +227,9 @@ class SearchSettings:
     @property
     def rescreen_size(self) -> int:
         """Candidates a lazily screened step re-screens first (0: every candidate, every step)."""
-        return self.rescreen or 0
+        if self.rescreen is None:
+            return DEFAULT_AUTO_RESCREEN if self.auto else 0
+        return self.rescreen
 
     def screen_rows(self, calibration: str, n_rows: int, seqlen: int) -> int:
         """How many of a calibration set's first rows screen its stage's candidates (0: none, every
