@@ -89,6 +89,8 @@ class RunContext:
             ignore_index=ignored_label(self.tokenizer),
             batch_size=job.calibration.batch_size,
             layer_major_budget_mb=self.search.layer_major_mb,
+            reuse_budget_mb=self.search.reuse_mb,
+            head_bound_budget_mb=self.search.reuse_mb,
         )
         device = job.model.torch_device()
         return {

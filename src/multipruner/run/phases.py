@@ -59,6 +59,14 @@ class Phase:
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
 
+    def memory_settings(self, job: PruneJob) -> list[str]:
+        """The settings that bound this phase's memory, with their values (named when it runs out)."""
+        return [f"--device cpu (now {job.model.device})"]
+
+    def memory_note(self, job: PruneJob) -> str:
+        """What else would help, when it cannot be changed on a resume."""
+        return ""
+
 
 class CompensatePhase(Phase):
     """Closed-form refit of the narrowed branches (``repair.compensate``), saved as model-compensated/."""
@@ -118,6 +126,9 @@ class RecoverPhase(Phase):
 
     name = "recover"
 
+    def memory_settings(self, job: PruneJob) -> list[str]:
+        return [f"--recover-batch-size (now {job.recovery.batch_size})", *super().memory_settings(job)]
+
     def wanted(self, job: PruneJob) -> bool:
         return job.run.recover
 
@@ -150,6 +161,9 @@ class EvaluatePhase(Phase):
     evaluation settings' texts and tasks: eval_<model>.json."""
 
     name = "evaluate"
+
+    def memory_settings(self, job: PruneJob) -> list[str]:
+        return [f"--eval-batch-size (now {job.evaluation.batch_size})", *super().memory_settings(job)]
 
     def wanted(self, job: PruneJob) -> bool:
         return job.run.do_eval

@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..evaluation.runner import EvalSettings
 from ..io_utils import check_output
 from ..models import ModelSettings
+from ..out_of_memory import is_out_of_memory, out_of_memory_stop
 from ..repair.compensate import CompensateSettings
 from ..repair.recover import RecoverSettings
 from ..search.calibration import CalibrationSettings
@@ -150,7 +151,19 @@ def prune(job: PruneJob) -> RunDirectory | None:
             ctx.release_workers()  # the search, if any, is over
         log.info("phase %s", phase.name)
         started = time.perf_counter()
-        facts = phase.run(ctx)
+        try:
+            facts = phase.run(ctx)
+        except Exception as err:  # noqa: BLE001 - only an allocation failure is turned into a stop
+            if not is_out_of_memory(err):
+                raise
+            steps = len(run.step_records())
+            raise out_of_memory_stop(
+                err,
+                phase.name,
+                phase.memory_settings(job),
+                f"the {steps} finished search steps and the phases done are kept in {run.path}",
+                phase.memory_note(job),
+            ) from None
         run.mark_done(phase.name, wall_s=round(time.perf_counter() - started, 3), **facts)
         if facts.get("stopped_at_max_steps"):
             log.info(

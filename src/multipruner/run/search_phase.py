@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from .context import RunContext
 from .phases import Phase
 from .run_dir import DenseRecord
 
+if TYPE_CHECKING:
+    from .pipeline import PruneJob
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +36,17 @@ class SearchPhase(Phase):
         """Finished, unless it stopped at --max-steps short of the target (a resume goes on)."""
         phase = ctx.run.manifest().phases.get(self.name)
         return phase is not None and not phase.get("stopped_at_max_steps")
+
+    def memory_settings(self, job: PruneJob) -> list[str]:
+        search = job.search
+        lower = [f"--reuse-mb (now {search.reuse_mb:g})"]
+        if search.layer_major_mb > 0:
+            lower.append(f"--layer-major-mb (now {search.layer_major_mb:g})")
+        return lower
+
+    def memory_note(self, job: PruneJob) -> str:
+        # the batch size is part of the run's settings (the resume check): a smaller one starts a new run
+        return f"A smaller --batch-size (now {job.calibration.batch_size}) also helps, in a new run."
 
     def run(self, ctx: RunContext) -> dict:
         ctx.load()

@@ -191,6 +191,13 @@ class SearchSettings:
         "slower on CPU, meant for GPUs)",
         affects_result=False,
     )
+    reuse_mb: float = setting(
+        2048.0,
+        help="memory for the hidden states the search keeps to skip work (a candidate's from the last step, "
+        "each batch's layer inputs, final states until a head bound settles), each within this many MB; "
+        "lower it if the search runs out of memory (0: keep none; slower, the same plan)",
+        affects_result=False,
+    )
     max_steps: int | None = setting(
         None,
         help="stop after this many search steps (resume later)",
@@ -338,6 +345,8 @@ class SearchSettings:
         problems = []
         if not 0 < self.target_ratio < 100:
             problems.append(f"target ratio must be in (0, 100) percent, got {self.target_ratio}")
+        if self.reuse_mb < 0:
+            problems.append(f"--reuse-mb must be 0 (keep nothing) or a positive budget, got {self.reuse_mb}")
         if self.layer_major_mb < 0:
             problems.append(
                 f"--layer-major-mb must be 0 (off) or a positive budget, got {self.layer_major_mb}"
