@@ -258,6 +258,8 @@ CASES = [
         "leaves no larger set to decide on",
     ),
     ("layer-major-budget-negative", lambda w: w.prune("--layer-major-mb", "-5"), "--layer-major-mb must be"),
+    ("reuse-budget-negative", lambda w: w.prune("--reuse-mb", "-1"), "--reuse-mb must be"),
+    ("rescreen-negative", lambda w: w.prune("--rescreen", "-2"), "--rescreen must be"),
     (
         "shortgpt-with-distribution",
         lambda w: [*w.prune(), "--method", "shortgpt"],
