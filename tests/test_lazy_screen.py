@@ -52,7 +52,8 @@ def test_when_no_key_falls_the_lazy_screen_picks_the_full_screens_finalists(seed
     old = {identity(c): rng.uniform(0, 4) for c in candidates}
     # the lazy greedy's assumption: a key only rises between screens (by a lot, for some)
     new_total = {
-        identity(c): (old[identity(c)] + rng.choice([0.0, 0.1, 3.0])) * saved[k] for k, c in enumerate(candidates)
+        identity(c): (old[identity(c)] + rng.choice([0.0, 0.1, 3.0])) * saved[k]
+        for k, c in enumerate(candidates)
     }
     losses = {i: torch.tensor([t / 4] * 4, dtype=torch.float64) for i, t in new_total.items()}
     record = [{**c.to_dict(), "screen_key": old[identity(c)], "screened_at": 0} for c in candidates]
@@ -61,8 +62,12 @@ def test_when_no_key_falls_the_lazy_screen_picks_the_full_screens_finalists(seed
     settings = _settings()
 
     lazy_scorer, full_scorer = _TableScorer(losses), _TableScorer(losses)
-    lazy = forward_screen(lazy_scorer, candidates, plans, settings, ranking, stale, 1, tqdm(total=0, disable=True))
-    full = forward_screen(full_scorer, candidates, plans, settings, ranking, None, 1, tqdm(total=0, disable=True))
+    lazy = forward_screen(
+        lazy_scorer, candidates, plans, settings, ranking, stale, 1, tqdm(total=0, disable=True)
+    )
+    full = forward_screen(
+        full_scorer, candidates, plans, settings, ranking, None, 1, tqdm(total=0, disable=True)
+    )
     assert lazy.finalists == full.finalists
     assert len(full_scorer.scored) == len(candidates)
     # the changed layer's candidates were screened now whatever their old keys
@@ -115,7 +120,9 @@ def _search(prunable, settings, tokens, records, done=None):
 def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_llama):
     prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
     layout = prunable.layout
-    tokens = torch.randint(0, tiny_llama.config.vocab_size, (8, 20), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(
+        0, tiny_llama.config.vocab_size, (8, 20), generator=torch.Generator().manual_seed(3)
+    )
     settings = SearchSettings(
         distribution="auto",
         target_ratio=35.0,
@@ -129,9 +136,9 @@ def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_ll
     plan = _search(prunable, settings, tokens, whole)
     assert len(whole) >= 4
     lazy_steps = [r for r in whole if r.step % 2]
-    assert lazy_steps and all(
-        any(c["screened_at"] < r.step for c in r.candidates) for r in lazy_steps
-    ), "a lazy step screens only some candidates"
+    assert lazy_steps and all(any(c["screened_at"] < r.step for c in r.candidates) for r in lazy_steps), (
+        "a lazy step screens only some candidates"
+    )
     assert all(all(c["screened_at"] == r.step for c in r.candidates) for r in whole if r.step % 2 == 0)
     for r in whole:  # the finalists are always among the candidates screened at that step
         assert all(r.candidates[k]["screened_at"] == r.step for k in r.finalists)
