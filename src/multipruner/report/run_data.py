@@ -16,6 +16,7 @@ from ..core.layout import ModelLayout
 from ..core.plan import PlanError, PruningPlan
 from ..evaluation.results import PAPER_TASKS, EvalResult, Metric
 from ..run.run_dir import MODEL_STAGES, DenseRecord, RunDirectory, RunDirError, RunManifest
+from ..search.latency import LATENCY_MEASURES
 from ..search.loop import StepRecord
 from ..search.objective import SCORE_NAMES
 from ..search.settings import SearchSettings
@@ -204,6 +205,14 @@ class RunData:
             if last is None or last.reduction is None
             else f"{last.reduction:.2f} % less {last.measure}"
         )
+        if last is not None and last.measure in LATENCY_MEASURES:
+            reached += " (the device's latency table's estimate)"
+            checked = (self.bench or {}).get("budget") or {}
+            if "measured_speedup" in checked:
+                reached += (
+                    f"; `bench` measured a {checked['measured_speedup']:.3f}x {checked['workload'][0]} speed-up "
+                    f"(median of {checked.get('repeats', '?')})"
+                )
         return f"{target}{' (--distribution auto)' if settings.auto else ''}; reached {reached}"
 
     @property
