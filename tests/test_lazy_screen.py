@@ -151,3 +151,31 @@ def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_ll
     resumed = _search(prunable, settings, tokens, rest, done=first)
     assert resumed == plan
     assert [r.candidates for r in first + rest] == [r.candidates for r in whole]
+
+
+def test_a_staged_search_screens_lazily_within_a_stage_and_fully_at_each_stage_start(tiny_llama):
+    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
+    layout = prunable.layout
+    tokens = torch.randint(
+        0, tiny_llama.config.vocab_size, (8, 20), generator=torch.Generator().manual_seed(4)
+    )
+    settings = SearchSettings(
+        target_ratio=40.0,
+        distribution=(40.0, 50.0, 10.0),
+        mlp_group_size=layout.mlp_width // 8,
+        attention_group_size=layout.heads.unit_channels,
+        objective="nll",
+        screen_tokens=40,
+        rescreen=3,
+    )
+    records: list = []
+    _search(prunable, settings, tokens, records)
+    screened = [r for r in records if r.finalists is not None]
+    firsts = {r.stage: r.step for r in reversed(screened)}  # each stage's first screened step
+    assert len(firsts) >= 2
+    for r in screened:
+        fresh = sum(c["screened_at"] == r.step for c in r.candidates)
+        if r.step in firsts.values() or r.step % 3 == 0:
+            assert fresh == len(r.candidates), r.step
+        assert all(r.candidates[k]["screened_at"] == r.step for k in r.finalists)
+    assert any(sum(c["screened_at"] == r.step for c in r.candidates) < len(r.candidates) for r in screened)
