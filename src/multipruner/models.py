@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from .core.offload import OFFLOADS, OffloadError, not_file_backed, offload_problem
 from .model_sources import EMBEDDED, ModelLoadError, check_model, is_pruned_dir
 from .settings import setting
 
@@ -65,6 +66,13 @@ class ModelSettings:
     device: str = setting(
         "auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N", affects_result=False
     )
+    offload: str = setting(
+        "none",
+        help="disk: keep the weights in the model's safetensors files and hold about one layer of them in "
+        "memory at a time (the same scores, more reading); none: hold the whole model",
+        choices=OFFLOADS,
+        affects_result=False,
+    )
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -76,9 +84,18 @@ class ModelSettings:
         """What can be checked before loading: the device, and the model (see :func:`check_model`)."""
         self.torch_device()
         check_model(self.model, tokenizer=tokenizer, dense=dense)
+        if self.offload == "disk" and (problem := offload_problem(self.model, self.torch_dtype())):
+            raise OffloadError(problem)
 
     def load(self):
-        return load_model(self.model, dtype=self.torch_dtype(), device=self.torch_device())
+        model, tokenizer = load_model(self.model, dtype=self.torch_dtype(), device=self.torch_device())
+        if self.offload == "disk" and (copied := not_file_backed(model)):
+            raise OffloadError(
+                f"--offload disk: {len(copied)} weights of {self.model} were copied into memory on loading "
+                f"(e.g. {copied[0]}), so there is nothing to offload; give a directory whose safetensors "
+                "hold the weights as the model uses them, or drop --offload"
+            )
+        return model, tokenizer
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:

@@ -13,6 +13,7 @@ from ..core.checkpoint import load_pruned
 from ..core.extract import extract
 from ..core.importance import CHANNEL_IMPORTANCE
 from ..core.layout import ModelLayout, layout_of
+from ..core.offload import PageRelease, map_layers_from_disk
 from ..core.plan import PruningPlan
 from ..core.surgery import PrunableModel
 from ..errors import UsageError
@@ -42,6 +43,7 @@ class RunContext:
         self.search: SearchSettings | None = None
         self.plan: PruningPlan | None = None
         self.calibration: dict[str, torch.Tensor] | None = None
+        self.page_release: PageRelease | None = None  # --offload disk
 
     def load(self) -> None:
         """Load the dense model, check the model-dependent settings and reorder it (once)."""
@@ -62,7 +64,12 @@ class RunContext:
         order = stored[0].channel_order if stored else None
         # an order by activations needs the calibration sets: the search phase makes it (order_channels)
         deferred = self.search.orders_by_activations and order is None
-        self.prunable = PrunableModel.prepare(self.model, self.search.weight_reorder and not deferred, order)
+        reorder = self.search.weight_reorder and not deferred
+        self.prunable = PrunableModel.prepare(self.model, reorder, order)
+        if self.job.model.offload == "disk":
+            self.page_release = PageRelease(self.model, self.prunable.adapter)
+            if reorder:
+                self._map_reordered_layers()
 
     def order_channels(self, calibration: dict[str, torch.Tensor]) -> None:
         """Order the channels by their activations on both calibration sets, unless already ordered."""
@@ -73,11 +80,24 @@ class RunContext:
                 self.model, calibration, self.job.calibration.batch_size, self.prunable.adapter
             )
             self.prunable.order_channels(order)
+            if self.page_release is not None:
+                self._map_reordered_layers()
             log.info(
                 "channels ordered by activations on %d tokens (%.1fs)",
                 sum(t.numel() for t in calibration.values()),
                 time.perf_counter() - started,
             )
+
+    def _map_reordered_layers(self) -> None:
+        """--offload disk: the reordered layers go to shards in the run directory and are mapped from there."""
+        started = time.perf_counter()
+        map_layers_from_disk(self.model, self.prunable.adapter, self.run.path / "offload")
+        self.page_release.refresh()
+        log.info(
+            "offload: reordered layers mapped from %s (%.1fs)",
+            self.run.path / "offload",
+            time.perf_counter() - started,
+        )
 
     def source(self) -> ModelSource:
         return ModelSource(**describe_source(self.job.model.model))

@@ -129,6 +129,9 @@ def prune(job: PruneJob) -> RunDirectory | None:
     if world_size() > 1:
         if scores_in_one_shot(job.search):
             raise UsageError("--method shortgpt scores in one shot; run it without torchrun")
+        if job.model.offload != "none":
+            # every process would write the reordered shards into the one run directory
+            raise UsageError("--offload disk runs in one process for now; run it without torchrun")
         bind_device(job.model.torch_device())
         ctx.load()  # every process; checks the process count against the layers before any waits
         ctx.workers = join(job.model.torch_device())
