@@ -28,6 +28,8 @@ LAYERS = [
         "text_files",
         "hub_datasets",
         "shared_data",
+        "timing",
+        "out_of_memory",
     },
     {"core"},
     {"models", "model_sources"},

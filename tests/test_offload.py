@@ -86,7 +86,7 @@ def test_each_layer_s_pages_are_handed_back_after_it_runs(tmp_path):
 
 
 def test_a_model_that_is_not_in_safetensors_or_not_in_the_asked_dtype_is_refused(tmp_path, tiny_llama):
-    assert "a GGUF file" in offload_problem("smollm2-135m", torch.float32)
+    assert "a GGUF file" in offload_problem("smollm2-135m", torch.float32, gguf=True)
     assert "a GGUF file" in offload_problem(str(tmp_path / "m.gguf"), torch.float32)
     (tmp_path / "empty").mkdir()
     assert "not in safetensors" in offload_problem(str(tmp_path / "empty"), torch.float32)

@@ -84,7 +84,9 @@ class ModelSettings:
         """What can be checked before loading: the device, and the model (see :func:`check_model`)."""
         self.torch_device()
         check_model(self.model, tokenizer=tokenizer, dense=dense)
-        if self.offload == "disk" and (problem := offload_problem(self.model, self.torch_dtype())):
+        if self.offload == "disk" and (
+            problem := offload_problem(self.model, self.torch_dtype(), gguf=self.model in EMBEDDED)
+        ):
             raise OffloadError(problem)
 
     def load(self):

@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UsageError
-from ..model_sources import EMBEDDED
 from .adapters import ArchitectureAdapter
 
 OFFLOADS = ("none", "disk")
@@ -43,12 +42,13 @@ class OffloadError(UsageError):
     """The model cannot be offloaded as given."""
 
 
-def offload_problem(spec: str, dtype: torch.dtype) -> str | None:
-    """Why ``spec`` cannot be loaded with ``--offload disk`` at ``dtype`` (None: it can), before loading."""
+def offload_problem(spec: str, dtype: torch.dtype, gguf: bool = False) -> str | None:
+    """Why ``spec`` cannot be loaded with ``--offload disk`` at ``dtype`` (None: it can), before loading;
+    ``gguf``: the name stands for a GGUF file (an embedded model)."""
     directory = Path(spec)
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     if not files:
-        if spec.endswith(".gguf") or spec in EMBEDDED:
+        if gguf or spec.endswith(".gguf"):
             what = "a GGUF file"
         elif not directory.exists():
             what = "not a local directory"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..settings import setting
+from ..timing import timed
 from .model_size import MB, cache_bytes, count_params, directory_size_mb, weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -111,21 +111,6 @@ def _vocab_size(model: nn.Module) -> int:
     if size is None:
         size = model.get_input_embeddings().num_embeddings
     return int(size)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels, or CUDA timings would measure only the launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds ``fn`` takes on ``device`` (its queued kernels included), and what it returned."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
 
 
 def _warn_if_too_long(models: Mapping[str, nn.Module], length: int) -> None:

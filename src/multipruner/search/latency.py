@@ -30,7 +30,7 @@ import torch
 from ..core.layout import ModelLayout
 from ..core.plan import PruningPlan
 from ..errors import UsageError
-from ..evaluation.speed import timed
+from ..timing import timed
 
 WORKLOADS = ("decode", "prefill")
 LATENCY_MEASURES = {"decode-latency": "decode", "prefill-latency": "prefill"}
