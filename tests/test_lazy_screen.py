@@ -117,21 +117,20 @@ def _search(prunable, settings, tokens, records, done=None):
     return run_search(prunable, scorers, settings, done, lambda rec, p: records.append(rec), progress=False)
 
 
-def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_llama):
+def _prepared(tiny_llama, seed: int, **kw) -> tuple[PrunableModel, torch.Tensor, SearchSettings]:
+    """The reordered tiny model, calibration tokens, and screened NLL search settings with ``kw``."""
     prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
-    layout = prunable.layout
-    tokens = torch.randint(
-        0, tiny_llama.config.vocab_size, (8, 20), generator=torch.Generator().manual_seed(3)
-    )
-    settings = SearchSettings(
-        distribution="auto",
-        target_ratio=35.0,
-        mlp_group_size=layout.mlp_width // 8,
-        attention_group_size=layout.heads.unit_channels,
-        objective="nll",
-        screen_tokens=40,
-        rescreen=2,
-    )
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, tiny_llama.config.vocab_size, (8, 20), generator=generator)
+    groups = {
+        "mlp_group_size": prunable.layout.mlp_width // 8,
+        "attention_group_size": prunable.heads.unit_channels,
+    }
+    return prunable, tokens, SearchSettings(objective="nll", screen_tokens=40, **groups, **kw)
+
+
+def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_llama):
+    prunable, tokens, settings = _prepared(tiny_llama, 3, distribution="auto", target_ratio=35.0, rescreen=2)
     whole: list = []
     plan = _search(prunable, settings, tokens, whole)
     assert len(whole) >= 4
@@ -154,19 +153,8 @@ def test_a_lazily_screened_auto_search_resumes_to_the_uninterrupted_plan(tiny_ll
 
 
 def test_a_staged_search_screens_lazily_within_a_stage_and_fully_at_each_stage_start(tiny_llama):
-    prunable = PrunableModel.prepare(tiny_llama, weight_reorder=True)
-    layout = prunable.layout
-    tokens = torch.randint(
-        0, tiny_llama.config.vocab_size, (8, 20), generator=torch.Generator().manual_seed(4)
-    )
-    settings = SearchSettings(
-        target_ratio=40.0,
-        distribution=(40.0, 50.0, 10.0),
-        mlp_group_size=layout.mlp_width // 8,
-        attention_group_size=layout.heads.unit_channels,
-        objective="nll",
-        screen_tokens=40,
-        rescreen=3,
+    prunable, tokens, settings = _prepared(
+        tiny_llama, 4, target_ratio=40.0, distribution=(40.0, 50.0, 10.0), rescreen=3
     )
     records: list = []
     _search(prunable, settings, tokens, records)
