@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from multipruner import PrunableModel
-from multipruner.search.lazy_screen import StaleKeys, forward_screen, identity
+from multipruner.search.lazy_screen import StaleKeys, forward_screen
 from multipruner.search.loop import run_search
 from multipruner.search.objective import LossSettings
 from multipruner.search.ranking import Ranking
@@ -31,7 +31,7 @@ class _TableScorer:
 
     def score(self, plans, first_layers, keys, on_batch, finalists, ranking):
         self.scored.extend(keys)
-        lower = [self.losses[identity(c)] for c in keys]
+        lower = [self.losses[c] for c in keys]
         return SimpleNamespace(sequence_lower=lower, sequence_nll=lower, ppl=[1.0] * len(keys))
 
 
@@ -49,14 +49,11 @@ def test_when_no_key_falls_the_lazy_screen_picks_the_full_screens_finalists(seed
     candidates = _candidates(12)
     saved = tuple(rng.choice([1.0, 2.0, 5.0]) for _ in candidates)
     ranking = Ranking(0.0, saved)
-    old = {identity(c): rng.uniform(0, 4) for c in candidates}
+    old = {c: rng.uniform(0, 4) for c in candidates}
     # the lazy greedy's assumption: a key only rises between screens (by a lot, for some)
-    new_total = {
-        identity(c): (old[identity(c)] + rng.choice([0.0, 0.1, 3.0])) * saved[k]
-        for k, c in enumerate(candidates)
-    }
+    new_total = {c: (old[c] + rng.choice([0.0, 0.1, 3.0])) * saved[k] for k, c in enumerate(candidates)}
     losses = {i: torch.tensor([t / 4] * 4, dtype=torch.float64) for i, t in new_total.items()}
-    record = [{**c.to_dict(), "screen_key": old[identity(c)], "screened_at": 0} for c in candidates]
+    record = [{**c.to_dict(), "screen_key": old[c], "screened_at": 0} for c in candidates]
     stale = StaleKeys.from_record(record, {"layer": 5})
     plans = [None] * len(candidates)
     settings = _settings()
@@ -75,17 +72,17 @@ def test_when_no_key_falls_the_lazy_screen_picks_the_full_screens_finalists(seed
     # the ones left carry their old key and step
     for k, c in enumerate(candidates):
         if c not in lazy_scorer.scored:
-            assert lazy.screened_at[k] == 0 and lazy.keys[k] == old[identity(c)] and lazy.mean_loss[k] is None
+            assert lazy.screened_at[k] == 0 and lazy.keys[k] == old[c] and lazy.mean_loss[k] is None
 
 
 def test_the_lazy_screen_screens_more_while_an_old_key_could_still_be_a_finalist():
     candidates = _candidates(6)
     ranking = Ranking(0.0, tuple([1.0] * len(candidates)))
-    old = {identity(c): float(k) for k, c in enumerate(candidates)}  # mlp 0..5 best, then attention
+    old = {c: float(k) for k, c in enumerate(candidates)}  # mlp 0..5 best, then attention
     # every screened-now key rose far above the old ones, so the screen must go down the old order
     losses = {i: torch.tensor([100.0 + v] * 4) for i, v in old.items()}
-    losses[identity(candidates[-1])] = torch.tensor([0.0] * 4)  # the old worst is now the best
-    record = [{**c.to_dict(), "screen_key": old[identity(c)], "screened_at": 0} for c in candidates]
+    losses[candidates[-1]] = torch.tensor([0.0] * 4)  # the old worst is now the best
+    record = [{**c.to_dict(), "screen_key": old[c], "screened_at": 0} for c in candidates]
     scorer = _TableScorer(losses)
     screen = forward_screen(
         scorer, candidates, [None] * 12, _settings(), ranking, StaleKeys.from_record(record, {"layer": 99}), 1,

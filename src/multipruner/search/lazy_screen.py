@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .stages import Candidate
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -34,25 +36,16 @@ if TYPE_CHECKING:
     from .ranking import Ranking
     from .scoring import CalibrationScorer
     from .settings import SearchSettings
-    from .stages import Candidate
-
-Identity = tuple[str, str, int, int | None]
-
-
-def identity(candidate: Candidate | dict) -> Identity:
-    """What stays the same about a candidate from step to step while its plan does (a narrower width
-    is another candidate)."""
-    if isinstance(candidate, dict):
-        return (candidate["kind"], candidate["op"], int(candidate["layer"]), candidate.get("width"))
-    return (candidate.kind, candidate.op, candidate.layer, candidate.width)
 
 
 @dataclass(frozen=True)
 class StaleKeys:
     """The previous step's screen keys (fresh or carried) and the layer that step changed."""
 
-    keys: dict[Identity, float]
-    screened_at: dict[Identity, int]
+    # by candidate: a frozen Candidate compares by kind, op, layer and width, so a narrower width is
+    # another candidate
+    keys: dict[Candidate, float]
+    screened_at: dict[Candidate, int]
     changed_layer: int
 
     @classmethod
@@ -60,28 +53,22 @@ class StaleKeys:
         """From a step record's candidates; None when that step recorded no screen keys."""
         if not candidates or any(c.get("screen_key") is None for c in candidates):
             return None
+        offered = [Candidate.from_dict(c) for c in candidates]
         return cls(
-            {identity(c): float(c["screen_key"]) for c in candidates},
-            {identity(c): int(c["screened_at"]) for c in candidates},
+            {c: float(r["screen_key"]) for c, r in zip(offered, candidates, strict=True)},
+            {c: int(r["screened_at"]) for c, r in zip(offered, candidates, strict=True)},
             int(choice["layer"]),
         )
 
     def split(self, candidates: Sequence[Candidate], size: int) -> tuple[list[int], list[int]]:
         """``(screen now, the others in order of their old keys)``, as candidate indices."""
-        must = [
-            k
-            for k, c in enumerate(candidates)
-            if identity(c) not in self.keys or c.layer == self.changed_layer
-        ]
+        must = [k for k, c in enumerate(candidates) if c not in self.keys or c.layer == self.changed_layer]
         known = set(must)
         others = sorted(
             (k for k in range(len(candidates)) if k not in known),
-            key=lambda k: (self.keys[identity(candidates[k])], k),
+            key=lambda k: (self.keys[candidates[k]], k),
         )
         return sorted(must + others[:size]), others[size:]
-
-    def key(self, candidate: Candidate) -> float:
-        return self.keys[identity(candidate)]
 
 
 def needs_more(fresh_keys: Sequence[float], finalists: int, lowest_stale: float) -> bool:
@@ -121,8 +108,8 @@ def forward_screen(
     bounded: list[bool | None] = [None] * n
     nll: list[torch.Tensor | None] = [None] * n
     lower: dict[int, torch.Tensor] = {}
-    keys = [stale.key(c) if stale and identity(c) in stale.keys else math.nan for c in candidates]
-    screened_at = [stale.screened_at.get(identity(c), step) if stale else step for c in candidates]
+    keys = [stale.keys.get(c, math.nan) if stale else math.nan for c in candidates]
+    screened_at = [stale.screened_at.get(c, step) if stale else step for c in candidates]
     now, later = stale.split(candidates, settings.rescreen_size) if stale else (list(range(n)), [])
     n_batches = -(-scorer.tokens.shape[0] // scorer.settings.batch_size)
     while True:
