@@ -88,15 +88,16 @@ def _storage_range(tensor: torch.Tensor) -> tuple[int, int]:
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
+def _mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether all of ``tensor``'s storage lies in one of the mapped ``ranges``."""
+    start, end = _storage_range(tensor)
+    return any(lo <= start and end <= hi for lo, hi in ranges)
+
+
 def not_file_backed(model: nn.Module) -> list[str]:
     """The parameters whose memory is not a mapping of a safetensors file."""
     ranges = _mapped_files()
-    out = []
-    for name, p in model.named_parameters():
-        start, end = _storage_range(p)
-        if not any(lo <= start and end <= hi for lo, hi in ranges):
-            out.append(name)
-    return out
+    return [name for name, p in model.named_parameters() if not _mapped(p, ranges)]
 
 
 def mapped_resident_bytes() -> int:
@@ -131,9 +132,9 @@ class PageRelease:
 
     def release(self, params: Iterator[torch.Tensor]) -> None:
         for p in params:
-            start, end = _storage_range(p)
-            if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            if not _mapped(p, self.ranges):
                 continue  # ordinary memory (a copied fused projection): not ours to drop
+            start, end = _storage_range(p)
             first = start - start % _PAGE
             if self._libc.madvise(first, end - first, _MADV_DONTNEED) != 0:
                 err = ctypes.get_errno()

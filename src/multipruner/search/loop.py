@@ -136,9 +136,13 @@ def run_search(
                 log.info("stopping after --max-steps %d", settings.max_steps)
                 return plan
             # a candidate that saves nothing of the measure (an MLP's, for the KV cache) cannot help reach it
-            offered = [(c, c.apply(plan)) for c in stage.candidates(plan, settings)]
-            offered = [(c, p, cost.saved(plan, p)) for c, p in offered]
-            candidates = [c for c, _, saving in offered if saving > 0]
+            candidates, plans, saved = [], [], []
+            for candidate in stage.candidates(plan, settings):
+                candidate_plan = candidate.apply(plan)
+                if (saving := cost.saved(plan, candidate_plan)) > 0:
+                    candidates.append(candidate)
+                    plans.append(candidate_plan)
+                    saved.append(saving)
             if not candidates:
                 log.warning(
                     "stage %s has no candidates left at %.2f%% less %s (target %.2f%%)",
@@ -149,8 +153,6 @@ def run_search(
                 )
                 break
             started = time.perf_counter()
-            plans = [p for _, p, saving in offered if saving > 0]
-            saved = [saving for _, _, saving in offered if saving > 0]
             outcome = score_step(
                 prunable,
                 scorers[stage.calibration],
@@ -266,9 +268,7 @@ class StepOutcome:
     screen_loss: list[float] | None = None
     screen_bounded: list[bool] | None = None  # screen_loss is a lower bound (the head was never paid)
     finalists: list[int] | None = None
-    screen_key: list[float] | None = (
-        None  # what orders the screen, fresh or from an older step's (lazy_screen.py)
-    )
+    screen_key: list[float] | None = None  # what orders the screen, fresh or older (lazy_screen.py)
     screened_at: list[int] | None = None  # the step each screen_key is from
 
     def candidate_records(self, candidates: list[Candidate], saved: list[float]) -> list[dict]:
