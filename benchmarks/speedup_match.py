@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from multipruner.core.extract import extract
+from multipruner.core.layout import layout_of
 from multipruner.core.surgery import PrunableModel
 from multipruner.io_utils import atomic_write_text
 from multipruner.models import load_model
@@ -52,8 +53,7 @@ def main() -> None:
     records = [StepRecord.from_dict(r) for r in run.step_records()]
     dense, _ = load_model(manifest.source.spec)
     workload = (args.kind, args.batch_size, args.context)
-    layout = PrunableModel.prepare(load_model(manifest.source.spec)[0], True, final.channel_order).layout
-    # (a throwaway copy: PrunableModel reorders the channels of the model it is given)
+    layout = layout_of(dense)
     settings = search.resolved(layout)
 
     def plan_at(step: int):
